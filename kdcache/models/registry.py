@@ -1,0 +1,212 @@
+"""Aliases for the papers' models and for CPU-sized variants of each family."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcache.errors import KDCacheError
+from kdcache.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one alias with timm, and how to read its four stages.
+
+    family: "cnn" (ResNet, MobileNetV2, ConvNeXt), "swin", "vit" (ViT, DeiT) or "mlp" (Mixer,
+    ResMLP). `block_taps` lists 0-based block indices for token models (ViT/Mixer families, whose
+    blocks all share one grid); None means the model's own stages (the last four maps timm returns).
+    """
+
+    alias: str
+    timm_name: str
+    family: str
+    input_size: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    block_taps: tuple[int, ...] | None = None
+    description: str = ""
+
+    @property
+    def is_cnn(self) -> bool:
+        return self.family == "cnn"
+
+
+MODELS: Registry[ModelSpec] = Registry("model", "--teacher/--student")
+
+
+def _add(alias: str, timm_name: str, family: str, input_size: int, description: str,
+         block_taps: tuple[int, ...] | None = None, **kwargs: Any) -> None:
+    MODELS.add(alias, ModelSpec(alias, timm_name, family, input_size, kwargs, block_taps, description))
+
+
+# The papers' models (224 input, ImageNet-pretrained weights available from the hub).
+_add("swin_t", "swin_tiny_patch4_window7_224", "swin", 224, "Swin-T, 28M")
+_add("vit_s", "vit_small_patch16_224", "vit", 224, "ViT-S/16, 22M", block_taps=(1, 3, 9, 11))
+_add("deit_t", "deit_tiny_patch16_224", "vit", 224, "DeiT-T/16, 5.7M", block_taps=(1, 3, 9, 11))
+_add("convnext_t", "convnext_tiny", "cnn", 224, "ConvNeXt-T, 28M")
+_add("mixer_b16", "mixer_b16_224", "mlp", 224, "MLP-Mixer-B/16, 60M", block_taps=(1, 3, 9, 11))
+_add("resmlp_s12", "resmlp_12_224", "mlp", 224, "ResMLP-S12, 15M", block_taps=(1, 3, 9, 11))
+_add("resnet18", "resnet18", "cnn", 224, "ResNet-18, 11.7M")
+_add("resnet50", "resnet50", "cnn", 224, "ResNet-50, 25.6M")
+_add("mobilenetv2", "mobilenetv2_100", "cnn", 224, "MobileNetV2 1.0, 3.5M")
+
+# CPU-sized variants of each family for 32x32 inputs (Fashion-MNIST, CIFAR on a laptop).
+_add("swin_pico", "swin_tiny_patch4_window7_224", "swin", 32, "Swin, 4 stages at 16/8/4/2, 5M",
+     img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+_add("vit_pico", "vit_tiny_patch16_224", "vit", 32, "ViT-Ti, patch 4, depth 6, 2.7M",
+     block_taps=(0, 1, 3, 5), img_size=32, patch_size=4, depth=6)
+_add("deit_pico", "deit_tiny_patch16_224", "vit", 32, "DeiT-Ti, patch 4, depth 4, 1.8M",
+     block_taps=(0, 1, 2, 3), img_size=32, patch_size=4, depth=4)
+_add("convnext_pico", "convnext_atto", "cnn", 32, "ConvNeXt-atto, 3.4M")
+_add("mixer_pico", "timm.models.mlp_mixer:MlpMixer", "mlp", 32, "Mixer, patch 4, 6 blocks, width 128",
+     block_taps=(0, 1, 3, 5), img_size=32, patch_size=4, num_blocks=6, embed_dim=128)
+_add("resmlp_pico", "timm.models.mlp_mixer:MlpMixer", "mlp", 32, "ResMLP, patch 4, 6 blocks, width 128",
+     block_taps=(0, 1, 3, 5), img_size=32, patch_size=4, num_blocks=6, embed_dim=128, mlp_ratio=4,
+     block_layer="ResBlock", norm_layer="Affine")
+_add("resnet10t", "resnet10t", "cnn", 32, "ResNet-10-T, 4.9M")
+_add("resnet18_32", "resnet18", "cnn", 32, "ResNet-18 at 32x32 input")
+_add("mobilenetv2_32", "mobilenetv2_100", "cnn", 32, "MobileNetV2 at 32x32 input")
+
+
+@dataclass
+class ModelOutputs:
+    """What every model gives: logits (B, C), embedding (B, D) and optionally four NCHW stages."""
+
+    logits: torch.Tensor
+    embed: torch.Tensor
+    stages: list[torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shapes measured by a dummy forward; methods size their projectors from this."""
+
+    alias: str
+    family: str
+    input_size: int
+    num_classes: int
+    embed_dim: int
+    stage_shapes: tuple[tuple[int, int, int], ...]  # (C, H, W) per stage
+
+
+class TapModel(nn.Module):
+    """A timm model with the uniform `ModelOutputs` interface."""
+
+    def __init__(self, spec: ModelSpec, net: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.net = net
+
+    def forward(self, x: torch.Tensor, stages: bool = False) -> ModelOutputs:
+        net = self.net
+        if not stages:
+            final = net.forward_features(x)
+            maps = None
+        elif self.spec.block_taps is not None:
+            final, maps = net.forward_intermediates(x, indices=list(self.spec.block_taps))
+        else:
+            final, maps = net.forward_intermediates(x)
+            maps = list(maps[-4:])
+            if self.spec.timm_name.startswith("mobilenetv2"):
+                maps[-1] = final  # OFA's stage 4 is after conv_head + BN (1280 wide)
+        embed = net.forward_head(final, pre_logits=True)
+        logits = net.get_classifier()(embed)
+        return ModelOutputs(logits=logits, embed=embed, stages=maps)
+
+
+def build_model(alias: str, num_classes: int, *, pretrained: bool = False,
+                checkpoint: str | Path | None = None, drop_path_rate: float = 0.0) -> TapModel:
+    """Build an alias. `pretrained` uses timm's hub weights (network needed), with a new head;
+    `checkpoint` loads a local kdcache or timm state dict."""
+    import timm
+
+    spec = MODELS.get(alias)
+    kwargs = dict(spec.kwargs)
+    if drop_path_rate and spec.family != "cnn":
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        if ":" in spec.timm_name:  # a timm class built from explicit arguments (no hub weights)
+            net = _build_from_class(spec.timm_name, num_classes, kwargs)
+        else:
+            net = timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except Exception as exc:  # hub unreachable, missing weights
+        if pretrained:
+            raise KDCacheError(
+                f"could not fetch pretrained weights for {alias} ({spec.timm_name}): {exc}",
+                expected="network access to the Hugging Face hub, or a local checkpoint",
+                fix=f"pass --checkpoint PATH, or train one: kdcache teacher --teacher {alias}",
+            ) from exc
+        raise
+    model = TapModel(spec, net)
+    if checkpoint is not None:
+        load_checkpoint_weights(model, checkpoint)
+    return model
+
+
+def _build_from_class(target: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """Build `module:Class(**kwargs)`; string values naming attributes of that module are resolved
+    (e.g. block_layer="ResBlock" for ResMLP)."""
+    import importlib
+
+    module_name, cls_name = target.split(":")
+    module = importlib.import_module(module_name)
+    resolved = {k: getattr(module, v) if isinstance(v, str) and hasattr(module, v) else v
+                for k, v in kwargs.items()}
+    return getattr(module, cls_name)(num_classes=num_classes, **resolved)
+
+
+def load_checkpoint_weights(model: TapModel, path: str | Path) -> dict[str, Any]:
+    """Load weights from a kdcache checkpoint ({'model': state}) or a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise KDCacheError(f"checkpoint {path} does not exist",
+                           fix="pass the path of a .pt file, e.g. one written by `kdcache teacher`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise KDCacheError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})",
+                           expected="a torch checkpoint file") from exc
+    state = blob.get("model", blob) if isinstance(blob, dict) else blob
+    if any(k.startswith("net.") for k in state):
+        result = model.load_state_dict(state, strict=False)
+    else:
+        result = model.net.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise KDCacheError(
+            f"checkpoint {path} does not fit {model.spec.alias}: {len(result.missing_keys)} missing keys "
+            f"(first: {result.missing_keys[0]})",
+            expected=f"weights of a {model.spec.alias} ({model.spec.timm_name})",
+            fix="pass the checkpoint that was trained for this model alias",
+        )
+    return blob if isinstance(blob, dict) else {}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def describe(model: TapModel, input_size: int | None = None) -> ModelInfo:
+    """Measure embedding width and stage shapes with one dummy forward (eval mode, batch 2)."""
+    size = input_size or model.spec.input_size
+    was_training = model.training
+    model.eval()
+    out = model(torch.zeros(2, 3, size, size), stages=True)
+    model.train(was_training)
+    return ModelInfo(
+        alias=model.spec.alias,
+        family=model.spec.family,
+        input_size=size,
+        num_classes=out.logits.shape[1],
+        embed_dim=out.embed.shape[1],
+        stage_shapes=tuple(tuple(s.shape[1:]) for s in out.stages),
+    )
