@@ -1,0 +1,226 @@
+"""`kdcache` command line: a thin typer layer over importable functions.
+
+Heavy imports (torch, timm, zarr) happen inside the commands so `kdcache --help` is instant. A
+`KDCacheError` is printed as a clear message (exit 2); any other exception is a bug and gets a
+one-line explanation before its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Heterogeneous knowledge distillation from cached teacher outputs.")
+
+DATASET = typer.Option("fashion-mnist", "--dataset", "-d", help="dataset name (kdcache list)")
+STORE_ROOT = typer.Option("cache", "--store-root", help="root folder of the Zarr stores")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N")
+
+
+def _split_methods(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+@app.command()
+def teacher(
+    teacher: str = typer.Option(..., "--teacher", "-t", help="model alias of the teacher"),
+    dataset: str = DATASET,
+    epochs: Optional[int] = typer.Option(None, help="default: the preset's"),
+    lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    preset: str = typer.Option("fashion_teacher", help="training preset (kdcache list)"),
+    subset: Optional[int] = typer.Option(None, help="train on a stratified subset of N samples"),
+    pretrained: bool = typer.Option(False, help="fine-tune from timm hub weights"),
+    checkpoint_dir: str = typer.Option("checkpoints", help="where the teacher checkpoint is saved"),
+    seed: int = 0,
+    device: str = DEVICE,
+    data_root: Optional[str] = None,
+    download: bool = False,
+):
+    """Train (or fine-tune) a teacher and save checkpoints/<dataset>/<teacher>.pt with its accuracy."""
+    from kdcache.extract import default_teacher_checkpoint
+    from kdcache.train import run_train
+
+    cfg = _train_config(student=teacher, method="ce", teacher=None, dataset=dataset, preset=preset, epochs=epochs,
+                        lr=lr, batch_size=batch_size, subset=subset, seed=seed, device=device, data_root=data_root,
+                        download=download, pretrained=pretrained, run_name=f"teacher-{dataset}-{teacher}-s{seed}",
+                        save_teacher_to=str(default_teacher_checkpoint(checkpoint_dir, dataset, teacher)))
+    result = run_train(cfg)
+    typer.echo(f"teacher {teacher}: top-1 {result.top1:.2f}% on {dataset} test -> {cfg.save_teacher_to}")
+
+
+@app.command()
+def extract(
+    teacher: str = typer.Option(..., "--teacher", "-t"),
+    dataset: str = DATASET,
+    checkpoint: Optional[str] = typer.Option(None, help="teacher weights (default checkpoints/<dataset>/<teacher>.pt)"),
+    pretrained: bool = typer.Option(False, help="use timm hub weights"),
+    recipe: str = typer.Option("cifar", help="view recipe: cifar (162 views), rrc, eval"),
+    views: Optional[int] = typer.Option(None, help="number of views (default: the recipe's)"),
+    methods: str = typer.Option("kd", help="comma-separated methods the store must serve"),
+    student_family: str = typer.Option("cnn", help="student family for family-dependent needs (FBT)"),
+    stages: str = typer.Option("", help="extra stage maps to store, e.g. 3,4"),
+    stage_views: Optional[int] = typer.Option(None, help="views that get stage maps (default all)"),
+    stage_grid: int = typer.Option(0, help="pool stage maps to GxG (0 = full resolution)"),
+    dtype: str = typer.Option("float16", help="float16 or float32"),
+    seed: int = typer.Option(0, help="global view seed"),
+    store_root: str = STORE_ROOT,
+    batch_size: int = 256,
+    block_n: int = typer.Option(4096, help="samples per write block (new stores only)"),
+    blocks: Optional[str] = typer.Option(None, help="only blocks START:STOP (parallel writers)"),
+    subset: Optional[int] = None,
+    device: str = DEVICE,
+    data_root: Optional[str] = None,
+    download: bool = False,
+):
+    """Stage one: run the teacher once over every view and write the Zarr store (resumable)."""
+    from kdcache.extract import ExtractConfig, run_extract
+
+    stage_list = tuple(int(s) for s in stages.replace(",", " ").split()) if stages else ()
+    cfg = ExtractConfig(teacher=teacher, dataset=dataset, checkpoint=checkpoint, pretrained=pretrained,
+                        recipe=recipe, views=views, seed=seed, store_root=store_root, dtype=dtype,
+                        methods=_split_methods(methods), stages=stage_list, stage_views=stage_views,
+                        stage_grid=stage_grid, student_family=student_family, batch_size=batch_size,
+                        block_n=block_n, blocks=blocks, device=device, subset=subset, data_root=data_root,
+                        download=download)
+    r = run_extract(cfg)
+    acc = f", teacher top-1 {r.teacher_acc:.2f}%" if r.teacher_acc is not None else ""
+    typer.echo(f"{r.store}: wrote {r.blocks_written} blocks ({r.images} views, {r.images_per_s:.0f} img/s), "
+               f"skipped {r.blocks_skipped} already done{acc}")
+
+
+def _train_config(**kw):
+    """Preset first, then every flag the user gave (None = not given), then TrainConfig defaults."""
+    import dataclasses
+
+    from kdcache.models import MODELS
+    from kdcache.presets import PRESETS, preset_for
+    from kdcache.train import TrainConfig
+
+    preset = kw.pop("preset", None) or preset_for(MODELS.get(kw["student"]).family, kw["dataset"])
+    values = dict(PRESETS.get(preset))
+    values.update({k: v for k, v in kw.items() if v is not None})
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(preset=preset, **{k: v for k, v in values.items() if k in valid})
+
+
+@app.command()
+def train(
+    student: str = typer.Option(..., "--student", "-s"),
+    method: str = typer.Option("kd", "--method", "-m"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t"),
+    dataset: str = DATASET,
+    opt: List[str] = typer.Option([], "--opt", help="method option KEY=VALUE (repeatable)"),
+    preset: Optional[str] = typer.Option(None, help="training preset (default by student family)"),
+    epochs: Optional[int] = None,
+    lr: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    optimizer: Optional[str] = None,
+    weight_decay: Optional[float] = None,
+    input_size: Optional[int] = None,
+    online: bool = typer.Option(False, help="run the teacher live on the same views (reference)"),
+    resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
+    subset: Optional[int] = None,
+    seed: int = 0,
+    store_root: str = STORE_ROOT,
+    out_dir: str = typer.Option("runs", help="run folders (checkpoints, metrics)"),
+    run_name: Optional[str] = None,
+    results: str = typer.Option("results/runs.parquet", help="Parquet table, one row per run"),
+    max_steps: Optional[int] = None,
+    device: str = DEVICE,
+    data_root: Optional[str] = None,
+    download: bool = False,
+):
+    """Stage two: train a student from the cache (or --online with the teacher live)."""
+    from kdcache.train import run_train
+
+    cfg = _train_config(student=student, method=method, teacher=teacher, dataset=dataset, opts=list(opt),
+                        preset=preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                        weight_decay=weight_decay, input_size=input_size, online=online, resume=resume,
+                        subset=subset, seed=seed, store_root=store_root, out_dir=out_dir, run_name=run_name,
+                        results=results, max_steps=max_steps, device=device, data_root=data_root,
+                        download=download)
+    r = run_train(cfg)
+    typer.echo(f"{r.student} <- {r.teacher or '-'} [{r.method}, {r.mode}]: top-1 {r.top1:.2f}% "
+               f"(best {r.best_top1:.2f}%) in {r.train_seconds:.0f}s; {r.checkpoint}")
+
+
+@app.command("list")
+def list_registries():
+    """List models, datasets, recipes, methods (with options) and training presets."""
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdcache.data import DATASETS, RECIPES
+    from kdcache.methods import METHODS
+    from kdcache.models import MODELS
+    from kdcache.presets import PRESETS
+
+    console = Console()
+    t = Table("model", "timm", "family", "input", "about")
+    for name in MODELS:
+        s = MODELS.get(name)
+        t.add_row(name, s.timm_name, s.family, str(s.input_size), s.description)
+    console.print(t)
+    t = Table("method", "options (defaults)", "presets")
+    for name in METHODS:
+        cls = METHODS.get(name)
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
+        t.add_row(name, opts, ", ".join(getattr(cls, "PRESETS", {}) or {}))
+    console.print(t)
+    console.print("datasets: " + ", ".join(DATASETS.names()))
+    console.print("recipes: " + ", ".join(RECIPES.names()))
+    console.print("training presets: " + ", ".join(PRESETS.names()))
+
+
+@app.command()
+def info(store: str = typer.Argument(..., help="path to a <split>.zarr store")):
+    """What a store holds: views, teachers, completeness, size, fingerprints."""
+    from kdcache.inspect import print_info
+
+    print_info(store)
+
+
+@app.command()
+def demo(
+    teacher: str = typer.Option("resnet18_32", "--teacher"),
+    student: str = typer.Option("resmlp_pico", "--student"),
+    subset: int = typer.Option(10000, help="training samples for the students"),
+    epochs: int = typer.Option(4, help="student epochs (= cached views)"),
+    teacher_epochs: int = 2,
+    workdir: str = typer.Option(".", help="where cache/, runs/, checkpoints/ and results/ go"),
+    device: str = DEVICE,
+):
+    """The whole pipeline on Fashion-MNIST: teacher, extract, students ce and kd, a table."""
+    from kdcache.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(teacher=teacher, student=student, subset=subset, epochs=epochs,
+                        teacher_epochs=teacher_epochs, workdir=workdir, device=device))
+
+
+def main() -> None:
+    from kdcache.errors import KDCacheError
+
+    try:
+        app()
+    except KDCacheError as exc:
+        typer.secho(f"error: {exc.message}", fg="red", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; re-run the same command to resume", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line, then the traceback for the report
+        typer.secho(f"internal error ({type(exc).__name__}: {exc}); please report it with the traceback below",
+                    fg="red", err=True)
+        traceback.print_exc()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

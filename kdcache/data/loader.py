@@ -1,0 +1,61 @@
+"""Batches of rendered views: the one path by which extract, train and eval get pixels.
+
+In-memory datasets (all images one size) are rendered a whole batch at a time with
+`render_batch`, on the training device when it is a GPU; lazily loaded datasets (ImageFolder) are
+rendered per sample in DataLoader worker processes (spawned, never forked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from kdcache.data.datasets import ImageDataset
+from kdcache.data.views import render, render_batch
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """Resolution and normalisation one model sees (teacher and student may differ)."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class _PerSampleViews(torch.utils.data.Dataset):
+    def __init__(self, dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, specs: list[RenderSpec]):
+        self.dataset, self.indices, self.params, self.specs = dataset, indices, params, specs
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        image = self.dataset.image(int(self.indices[k]))
+        p = torch.as_tensor(self.params[k])
+        return tuple(render(image, p, s.size, s.mean, s.std) for s in self.specs)
+
+
+def iter_views(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, specs: list[RenderSpec],
+               batch_size: int, device: torch.device, workers: int = 0
+               ) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
+    """Yield ([one batch per spec], sample indices) in the given order; params[k] is the view of
+    indices[k]."""
+    indices = np.asarray(indices)
+    if dataset.images is not None:
+        images = dataset.images
+        for a in range(0, len(indices), batch_size):
+            idx = indices[a:a + batch_size]
+            raw = images[torch.as_tensor(idx)].to(device, non_blocking=True)
+            p = torch.as_tensor(params[a:a + batch_size], device=device)
+            yield [render_batch(raw, p, s.size, s.mean, s.std) for s in specs], idx
+        return
+    loader = torch.utils.data.DataLoader(
+        _PerSampleViews(dataset, indices, params, specs), batch_size=batch_size, shuffle=False,
+        num_workers=workers, multiprocessing_context="spawn" if workers else None,
+        pin_memory=device.type == "cuda")
+    for a, views in zip(range(0, len(indices), batch_size), loader):
+        yield [v.to(device, non_blocking=True) for v in views], indices[a:a + batch_size]

@@ -1,0 +1,260 @@
+"""Stage one: run a teacher once over every planned view and write its outputs to the store.
+
+Work is cut into blocks (one view x `block_n` samples, aligned to chunks). Blocks already marked
+done are skipped, so a killed run resumes where it stopped, and processes given disjoint (or even
+overlapping) `--blocks` ranges can share one store. Writes go through a one-thread writer so the
+next forward overlaps the previous block's write.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache.data import get_recipe, key_hashes, load_dataset, view_table
+from kdcache.data.loader import RenderSpec, iter_views
+from kdcache.devices import autocast, autocast_name, resolve_device
+from kdcache.errors import KDCacheError
+from kdcache.methods import METHODS, Needs, build_options
+from kdcache.models import MODELS, TapModel, build_model, describe
+from kdcache.models.registry import file_sha256
+from kdcache.store import Store, StoreAttrs, TeacherAttrs, store_path, versions
+from kdcache.data.views import PARAM_NAMES
+
+
+@dataclass
+class ExtractConfig:
+    teacher: str
+    dataset: str = "fashion-mnist"
+    checkpoint: str | None = None  # default: checkpoints/<dataset>/<teacher>.pt when it exists
+    pretrained: bool = False
+    recipe: str = "cifar"
+    views: int | None = None  # default: the recipe's (cifar: all 162)
+    seed: int = 0
+    store_root: str = "cache"
+    dtype: str = "float16"
+    methods: tuple[str, ...] = ("kd",)  # what the store must serve; decides stages and tail
+    stages: tuple[int, ...] = ()  # extra stage maps to store (1-based), beyond the methods' needs
+    stage_views: int | None = None  # views with stage maps (default: all)
+    stage_grid: int = 0  # pool stage maps to g x g (0: keep full resolution)
+    student_family: str = "cnn"  # FBT needs depend on the pair's families
+    batch_size: int = 256
+    block_n: int = 4096
+    blocks: str | None = None  # "a:b" = only blocks a..b-1 (parallel writers)
+    device: str = "auto"
+    subset: int | None = None
+    data_root: str | None = None
+    download: bool = False
+    checkpoint_dir: str = "checkpoints"
+    progress: bool = True
+    max_blocks: int | None = None  # stop after this many blocks (tests: simulated interruption)
+
+
+@dataclass
+class ExtractResult:
+    store: Path
+    blocks_written: int
+    blocks_skipped: int
+    images: int
+    seconds: float
+    teacher_acc: float | None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def default_teacher_checkpoint(checkpoint_dir: str, dataset: str, teacher: str) -> Path:
+    return Path(checkpoint_dir) / dataset / f"{teacher}.pt"
+
+
+def load_teacher(cfg_teacher: str, dataset: str, num_classes: int, checkpoint: str | None, pretrained: bool,
+                 checkpoint_dir: str, mean, std) -> tuple[TapModel, dict]:
+    """Build the teacher with weights: an explicit checkpoint, hub weights, or the default path."""
+    MODELS.get(cfg_teacher)
+    if checkpoint is None and not pretrained:
+        default = default_teacher_checkpoint(checkpoint_dir, dataset, cfg_teacher)
+        if not default.is_file():
+            raise KDCacheError(
+                f"teacher {cfg_teacher} has no weights: no --checkpoint, no --pretrained, and no {default}",
+                fix=f"kdcache teacher --teacher {cfg_teacher} --dataset {dataset}   (or pass --checkpoint PATH)",
+            )
+        checkpoint = str(default)
+    model = build_model(cfg_teacher, num_classes, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+    meta = {"checkpoint": checkpoint, "sha256": file_sha256(checkpoint) if checkpoint else None,
+            "mean": tuple(mean), "std": tuple(std), "acc": None, "input_size": model.spec.input_size}
+    if checkpoint:
+        blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if isinstance(blob, dict):
+            if blob.get("num_classes") not in (None, num_classes):
+                raise KDCacheError(
+                    f"checkpoint {checkpoint} has {blob['num_classes']} classes, dataset {dataset} has {num_classes}",
+                    fix="pass a checkpoint trained on this dataset")
+            for key in ("mean", "std", "input_size"):
+                if blob.get(key) is not None:
+                    meta[key] = tuple(blob[key]) if key != "input_size" else int(blob[key])
+            meta["acc"] = blob.get("acc")
+    elif pretrained:
+        cfg = model.net.pretrained_cfg
+        meta["mean"], meta["std"] = tuple(cfg.get("mean", mean)), tuple(cfg.get("std", std))
+    return model, meta
+
+
+def method_needs(methods: tuple[str, ...], teacher_family: str, student_family: str) -> Needs:
+    needs = Needs(logits=True, embed=True)
+    for name in methods:
+        cls = METHODS.get(name)
+        needs = needs.union(cls.needs(build_options(cls), teacher_family, student_family))
+    return needs
+
+
+def _parse_blocks(spec: str | None, total: int) -> range:
+    if not spec:
+        return range(total)
+    try:
+        a, b = (int(x) if x else None for x in spec.split(":"))
+    except ValueError as exc:
+        raise KDCacheError(f"--blocks {spec!r} is not a range", expected="START:STOP, e.g. 0:100") from exc
+    return range(total)[slice(a, b)]
+
+
+@torch.inference_mode()
+def teacher_forward(model: TapModel, x: torch.Tensor, device: torch.device, stages: tuple[int, ...],
+                    grid: int):
+    with autocast(device):
+        out = model(x, stages=bool(stages))
+    maps = {}
+    for k in stages:
+        m = out.stages[k - 1].float()
+        if grid and grid < m.shape[-1]:
+            m = F.adaptive_avg_pool2d(m, grid)
+        maps[k] = m.cpu().numpy()
+    return out.logits.float().cpu().numpy(), out.embed.float().cpu().numpy(), maps
+
+
+@torch.inference_mode()
+def evaluate_model(model: TapModel, dataset, spec: RenderSpec, device: torch.device,
+                   batch_size: int = 512) -> float:
+    """Top-1 accuracy (%) on a split with the deterministic eval view."""
+    recipe = get_recipe("eval")
+    n = len(dataset)
+    heights, widths = _sizes(dataset)
+    _, params = view_table(recipe, 0, dataset.keys, heights, widths, 1)
+    correct = 0
+    was = model.training
+    model.eval()
+    for (x,), idx in iter_views(dataset, np.arange(n), params[0], [spec], batch_size, device):
+        with autocast(device):
+            pred = model(x).logits.argmax(1).cpu().numpy()
+        correct += int((pred == dataset.labels[idx]).sum())
+    model.train(was)
+    return 100.0 * correct / n
+
+
+def _sizes(dataset) -> tuple[np.ndarray, np.ndarray]:
+    if dataset.images is not None:
+        n, _, h, w = dataset.images.shape
+        return np.full(n, h), np.full(n, w)
+    hw = np.array([dataset.image_size(i) for i in range(len(dataset))])
+    return hw[:, 0], hw[:, 1]
+
+
+def open_view_store(dataset, recipe_name: str, num_views: int | None, seed: int, store_root: str,
+                    block_n: int) -> Store:
+    """Create (or open and check) the store holding this dataset's view table."""
+    recipe = get_recipe(recipe_name)
+    v = num_views or recipe.default_views
+    heights, widths = _sizes(dataset)
+    seeds, params = view_table(recipe, seed, dataset.keys, heights, widths, v)
+    attrs = StoreAttrs(
+        fingerprint=dataset.fingerprint.as_dict(), recipe=recipe.name, recipe_version=recipe.version,
+        recipe_knobs=recipe.knobs(), global_seed=seed, num_views=v, param_names=tuple(PARAM_NAMES),
+        block_n=block_n)
+    path = store_path(store_root, dataset.name if dataset.split == "train" else dataset.name, dataset.split)
+    return Store.create_or_open(path, attrs, dataset.labels, key_hashes(dataset.keys), seeds, params)
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    device = resolve_device(cfg.device)
+    if cfg.dtype not in ("float16", "float32"):
+        raise KDCacheError(f"--dtype {cfg.dtype!r} is not supported", expected="float16 or float32")
+    train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
+    spec = MODELS.get(cfg.teacher)
+    needs = method_needs(tuple(cfg.methods), spec.family, cfg.student_family)
+    model, meta = load_teacher(cfg.teacher, cfg.dataset, train.num_classes, cfg.checkpoint, cfg.pretrained,
+                               cfg.checkpoint_dir, train.mean, train.std)
+    model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    info = describe(model, meta["input_size"])
+    store = open_view_store(train, cfg.recipe, cfg.views, cfg.seed, cfg.store_root, cfg.block_n)
+    n_views = store.attrs.num_views
+    stages = tuple(sorted(set(needs.stages) | set(cfg.stages)))
+    stage_views = (cfg.stage_views if cfg.stage_views is not None else n_views) if stages else 0
+    if stage_views > n_views:
+        raise KDCacheError(f"--stage-views {stage_views} exceeds the store's {n_views} views")
+    tattrs = TeacherAttrs(
+        alias=cfg.teacher, timm_name=spec.timm_name, family=spec.family, checkpoint=meta["checkpoint"],
+        checkpoint_sha256=meta["sha256"], pretrained=cfg.pretrained, input_size=meta["input_size"],
+        mean=tuple(meta["mean"]), std=tuple(meta["std"]), interpolation="bilinear", dtype=cfg.dtype,
+        num_classes=train.num_classes, embed_dim=info.embed_dim, stage_shapes=info.stage_shapes,
+        stored_stages=stages, stage_views=stage_views, stage_grid=cfg.stage_grid, has_tail=needs.tail,
+        teacher_acc=meta["acc"], versions=versions(), autocast=autocast_name(device))
+    cache = store.create_teacher(tattrs, n_views)
+    if needs.tail:
+        from kdcache.models.tails import save_tail
+
+        save_tail(model, train.num_classes, cache.path / "tail.safetensors")
+
+    render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    n_blocks = cache.group["done"].shape[1]
+    order = [(v, j) for v in range(n_views) for j in range(n_blocks)]
+    chosen = [order[k] for k in _parse_blocks(cfg.blocks, len(order))]
+    done = cache.done_mask()
+    todo = [(v, j) for v, j in chosen if not done[v, j]]
+    if cfg.max_blocks is not None:
+        todo = todo[:cfg.max_blocks]
+    all_params = store.group["views/params"]
+
+    t0, images = time.perf_counter(), 0
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as writer, Progress(
+            TextColumn(f"extract {cfg.teacher}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
+        task = bar.add_task("blocks", total=len(todo), rate="")
+        for v, j in todo:
+            a, b = cache.block_range(j)
+            params = all_params[v, a:b]
+            logits, embed, maps = [], [], {k: [] for k in stages if v < stage_views}
+            for (x,), _ in iter_views(train, np.arange(a, b), params, [render_spec], cfg.batch_size, device):
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                lg, em, st = teacher_forward(model, x, device, tuple(maps), cfg.stage_grid)
+                logits.append(lg), embed.append(em)
+                for k in maps:
+                    maps[k].append(st[k])
+            while len(pending) >= 2:  # bound memory: at most two blocks in flight
+                pending.pop(0).result()
+            pending.append(writer.submit(cache.write_block, v, j, np.concatenate(logits), np.concatenate(embed),
+                                         {k: np.concatenate(m) for k, m in maps.items()}))
+            images += b - a
+            bar.update(task, advance=1, rate=f"{images / (time.perf_counter() - t0):.0f} img/s")
+        for f in pending:
+            f.result()
+    seconds = time.perf_counter() - t0
+
+    acc = cache.attrs.teacher_acc
+    if cache.done_mask().all() and cache.attrs.teacher_acc is None:
+        test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download)
+        acc = evaluate_model(model, test, render_spec, device)
+        cache.update_attrs(teacher_acc=acc)
+    return ExtractResult(store.path, len(todo), len(chosen) - len(todo), images, seconds, acc)

@@ -1,0 +1,104 @@
+"""The store's self-description: typed records that become Zarr attrs, and the paths they live at.
+
+Layout (one Zarr v3 group per dataset split):
+    <root>/<dataset>/<split>.zarr/            attrs["kdcache"] = StoreAttrs
+        samples/label[N], samples/key_hash[N]
+        views/seed[V, N], views/params[V, N, P]
+        teachers/<alias>/                      attrs["kdcache"] = TeacherAttrs
+            logits[V, N, C], embed[V, N, D]
+            stages/s<k>[Vf, N, C_k, H_k, W_k]
+            done[V, n_blocks]                  1 once every array of block (v, j) is written
+            tail.safetensors                   frozen last stage + norm + head (FBT)
+Chunks are unsharded (one file each) and carry a crc32c checksum, so parallel writers of different
+blocks never touch the same file and a damaged chunk is detected on read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def store_path(root: str | Path, dataset: str, split: str = "train") -> Path:
+    return Path(root) / dataset / f"{split}.zarr"
+
+
+@dataclass(frozen=True)
+class StoreAttrs:
+    """What fixes the views: the dataset fingerprint, the recipe and the global seed."""
+
+    fingerprint: dict[str, Any]
+    recipe: str
+    recipe_version: int
+    recipe_knobs: dict[str, Any]
+    global_seed: int
+    num_views: int
+    param_names: tuple[str, ...]
+    block_n: int  # samples per write block (= chunk length along N of the per-view arrays)
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class TeacherAttrs:
+    """Everything needed to know exactly what produced a teacher's targets."""
+
+    alias: str
+    timm_name: str
+    family: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    pretrained: bool
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    dtype: str
+    num_classes: int
+    embed_dim: int
+    stage_shapes: tuple[tuple[int, int, int], ...]  # full-resolution (C, H, W) per stage at input_size
+    stored_stages: tuple[int, ...] = ()  # 1-based stages written under stages/
+    stage_views: int = 0  # Vf: how many views have stage maps
+    stage_grid: int = 0  # 0: full resolution; g: adaptive-average-pooled to g x g
+    has_tail: bool = False
+    teacher_acc: float | None = None  # top-1 on the test split, eval recipe
+    versions: dict[str, str] = field(default_factory=dict)
+    autocast: str = "none"
+
+
+def to_attrs(record: Any) -> dict[str, Any]:
+    """Dataclass -> JSON-safe dict (tuples become lists)."""
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [norm(x) for x in v]
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        return v
+
+    return norm(dataclasses.asdict(record))
+
+
+def from_attrs(cls: type, data: dict[str, Any]) -> Any:
+    """JSON dict -> dataclass, turning lists back into tuples where the field is a tuple."""
+    names = {f.name for f in dataclasses.fields(cls)}
+
+    def tup(v: Any) -> Any:
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    return cls(**{k: tup(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import timm
+    import torch
+    import zarr
+
+    import kdcache
+
+    return {"kdcache": kdcache.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "zarr": zarr.__version__, "numpy": numpy.__version__}

@@ -1,0 +1,313 @@
+"""Opening, creating and checking a cache store; per-teacher writer and reader.
+
+The store is created atomically (built in a temporary directory, then renamed into place), so
+several extract processes starting at once agree on one view table. Teacher arrays are written in
+blocks (one view x `block_n` samples, aligned to chunks); a block's completion mark is written only
+after all its arrays, so a killed run redoes partial blocks and never skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from kdcache.errors import KDCacheError
+from kdcache.store.schema import StoreAttrs, TeacherAttrs, from_attrs, to_attrs
+
+CHECKSUM = [Crc32cCodec()]
+COMPRESSED = [ZstdCodec(level=1), Crc32cCodec()]
+STAGE_CHUNK_BYTES = 8 << 20
+
+
+def _fix_extract(dataset: str, teacher: str = "TEACHER") -> str:
+    return f"kdcache extract --teacher {teacher} --dataset {dataset}"
+
+
+class Store:
+    """One dataset split's cache: the view table plus any number of teachers' targets."""
+
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.attrs: StoreAttrs = from_attrs(StoreAttrs, group.attrs["kdcache"])
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "Store":
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise KDCacheError(f"no kdcache store at {path}",
+                               expected="a directory written by `kdcache extract`",
+                               fix=f"{_fix_extract(path.parent.name)}  (or pass the right --store-root)")
+        try:
+            group = zarr.open_group(path, mode=mode)
+            if "kdcache" not in group.attrs:
+                raise KeyError("kdcache")
+        except Exception as exc:
+            raise KDCacheError(f"{path} is not a readable kdcache store ({type(exc).__name__}: {exc})",
+                               fix=f"delete it and run {_fix_extract(path.parent.name)} again") from exc
+        return cls(path, group)
+
+    @classmethod
+    def create_or_open(cls, path: str | Path, attrs: StoreAttrs, labels: np.ndarray,
+                       key_hash: np.ndarray, seeds: np.ndarray, params: np.ndarray) -> "Store":
+        """Open the store at `path`, creating it with this view table if absent.
+
+        An existing store must have been made from the same dataset, recipe and seed; any
+        difference is an error naming both sides (never a silent overwrite)."""
+        path = Path(path)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                cls._write_views(tmp, attrs, labels, key_hash, seeds, params)
+                os.rename(tmp, path)  # atomic; fails if another process won the race
+            except OSError:
+                if not path.exists():
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        store = cls.open(path, mode="a")
+        store.check_matches(attrs)
+        return store
+
+    @staticmethod
+    def _write_views(path: Path, attrs: StoreAttrs, labels, key_hash, seeds, params) -> None:
+        group = zarr.open_group(path, mode="w")
+        n = len(labels)
+        bn = min(attrs.block_n, n)
+        group.create_array("samples/label", data=labels.astype(np.int64), chunks=(n,), compressors=CHECKSUM)
+        group.create_array("samples/key_hash", data=key_hash.astype(np.uint64), chunks=(n,), compressors=CHECKSUM)
+        group.create_array("views/seed", data=seeds.astype(np.uint64), chunks=(1, bn), compressors=CHECKSUM)
+        group.create_array("views/params", data=params.astype(np.float32), chunks=(1, bn, params.shape[2]),
+                           compressors=CHECKSUM)
+        group.attrs["kdcache"] = to_attrs(attrs)
+
+    def check_matches(self, want: StoreAttrs) -> None:
+        have = self.attrs
+        for field in ("fingerprint", "recipe", "recipe_version", "recipe_knobs", "global_seed", "num_views"):
+            a, b = getattr(have, field), getattr(want, field)
+            if to_attrs_value(a) != to_attrs_value(b):
+                raise KDCacheError(
+                    f"store {self.path} was made with {field}={a!r}, but this command asks for {b!r}",
+                    expected="the same dataset (name, split, size, labels), recipe, views and seed as the store",
+                    fix=f"use another --store-root, or delete {self.path} to rebuild it",
+                )
+
+    def check_dataset(self, fingerprint: dict[str, Any]) -> None:
+        if to_attrs_value(self.attrs.fingerprint) != to_attrs_value(fingerprint):
+            raise KDCacheError(
+                f"store {self.path} was made from dataset {self.attrs.fingerprint}, "
+                f"but this command uses {fingerprint}",
+                expected="the dataset, split and subset the store was extracted from",
+                fix="pass the same --dataset/--subset as the extract command, or extract for this dataset",
+            )
+
+    # ---------------------------------------------------------------- views
+    @property
+    def num_samples(self) -> int:
+        return int(self.attrs.fingerprint["n"])
+
+    def labels(self) -> np.ndarray:
+        return self.group["samples/label"][:]
+
+    def params(self, views: np.ndarray | None = None) -> np.ndarray:
+        arr = self.group["views/params"]
+        return arr[:] if views is None else arr.get_orthogonal_selection((np.asarray(views), slice(None), slice(None)))
+
+    def seeds(self) -> np.ndarray:
+        return self.group["views/seed"][:]
+
+    # ---------------------------------------------------------------- teachers
+    def teacher_names(self) -> list[str]:
+        if "teachers" not in self.group:
+            return []
+        return sorted(name for name, _ in self.group["teachers"].groups())
+
+    def teacher(self, alias: str) -> "TeacherCache":
+        if alias not in self.teacher_names():
+            have = ", ".join(self.teacher_names()) or "none"
+            raise KDCacheError(
+                f"store {self.path} has no targets of teacher {alias!r} (it has: {have})",
+                fix=_fix_extract(self.attrs.fingerprint["name"], alias),
+            )
+        return TeacherCache(self, self.group[f"teachers/{alias}"])
+
+    def create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
+        """Create the teacher's arrays (or open them when an earlier run created the same)."""
+        name = f"teachers/{attrs.alias}"
+        if name in self.group:
+            cache = TeacherCache(self, self.group[name])
+            cache.check_matches(attrs)
+            return cache
+        n, bn = self.num_samples, min(self.attrs.block_n, self.num_samples)
+        n_blocks = -(-n // bn)
+        dtype = attrs.dtype
+        g = self.group.require_group(name)
+        g.create_array("logits", shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
+                       dtype=dtype, compressors=CHECKSUM, fill_value=0)
+        g.create_array("embed", shape=(n_views, n, attrs.embed_dim), chunks=(1, bn, attrs.embed_dim),
+                       dtype=dtype, compressors=CHECKSUM, fill_value=0)
+        for k in attrs.stored_stages:
+            c, h, w = stored_stage_shape(attrs, k)
+            per_sample = c * h * w * np.dtype(dtype).itemsize
+            cn = bn
+            while cn > 1 and cn * per_sample > STAGE_CHUNK_BYTES:
+                cn //= 2
+            while bn % cn:  # a block must cover whole chunks
+                cn -= 1
+            g.create_array(f"stages/s{k}", shape=(attrs.stage_views, n, c, h, w), chunks=(1, cn, c, h, w),
+                           dtype=dtype, compressors=COMPRESSED, fill_value=0)
+        g.create_array("done", shape=(n_views, n_blocks), chunks=(1, 1), dtype="uint8", fill_value=0,
+                       compressors=CHECKSUM)
+        g.attrs["kdcache"] = to_attrs(attrs)
+        return TeacherCache(self, g)
+
+
+def to_attrs_value(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [to_attrs_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: to_attrs_value(x) for k, x in v.items()}
+    return v
+
+
+def stored_stage_shape(attrs: TeacherAttrs, k: int) -> tuple[int, int, int]:
+    c, h, w = attrs.stage_shapes[k - 1]
+    if attrs.stage_grid and attrs.stage_grid < h:
+        return c, attrs.stage_grid, attrs.stage_grid
+    return c, h, w
+
+
+class TeacherCache:
+    """One teacher's targets in a store: block writer, completeness, and stage-two reads."""
+
+    def __init__(self, store: Store, group: zarr.Group):
+        self.store = store
+        self.group = group
+        self.attrs: TeacherAttrs = from_attrs(TeacherAttrs, group.attrs["kdcache"])
+
+    @property
+    def path(self) -> Path:
+        return self.store.path / "teachers" / self.attrs.alias
+
+    @property
+    def num_views(self) -> int:
+        return self.group["logits"].shape[0]
+
+    @property
+    def block_n(self) -> int:
+        return min(self.store.attrs.block_n, self.store.num_samples)
+
+    def check_matches(self, want: TeacherAttrs) -> None:
+        have = self.attrs
+        for field in ("timm_name", "checkpoint_sha256", "input_size", "dtype", "num_classes", "stored_stages",
+                      "stage_views", "stage_grid"):
+            a, b = getattr(have, field), getattr(want, field)
+            if to_attrs_value(a) != to_attrs_value(b):
+                raise KDCacheError(
+                    f"teacher {have.alias} in {self.store.path} was extracted with {field}={a!r}, "
+                    f"this command asks for {b!r}",
+                    expected="the same teacher checkpoint and extraction settings as the existing targets",
+                    fix=f"delete {self.path} to re-extract, or use another --store-root",
+                )
+
+    def update_attrs(self, **changes: Any) -> None:
+        import dataclasses
+
+        self.attrs = dataclasses.replace(self.attrs, **changes)
+        self.group.attrs["kdcache"] = to_attrs(self.attrs)
+
+    # ---------------------------------------------------------------- writing
+    def block_range(self, j: int) -> tuple[int, int]:
+        bn = self.block_n
+        return j * bn, min((j + 1) * bn, self.store.num_samples)
+
+    def done_mask(self) -> np.ndarray:
+        return self.group["done"][:].astype(bool)
+
+    def write_block(self, v: int, j: int, logits: np.ndarray, embed: np.ndarray,
+                    stages: dict[int, np.ndarray] | None = None) -> None:
+        """Write one block's arrays, then its completion mark (never before)."""
+        a, b = self.block_range(j)
+        dtype = np.dtype(self.attrs.dtype)
+        for name, value in (("logits", logits), ("embed", embed)):
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = value.astype(dtype)
+            if not np.isfinite(cast).all():
+                raise KDCacheError(
+                    f"teacher {self.attrs.alias} produced non-finite {name} in view {v}, samples {a}-{b} "
+                    f"(after casting to {dtype})",
+                    expected="finite outputs: a healthy checkpoint, inputs normalised as it was trained",
+                    fix="check the checkpoint and --dtype (fp16 overflows above 65504; try --dtype float32)",
+                )
+            self.group[name][v, a:b] = cast
+        if stages and v < self.attrs.stage_views:
+            for k, value in stages.items():
+                with np.errstate(over="ignore", invalid="ignore"):
+                    cast = value.astype(dtype)
+                if not np.isfinite(cast).all():
+                    raise KDCacheError(f"teacher {self.attrs.alias} produced non-finite stage {k} maps in "
+                                       f"view {v}, samples {a}-{b}", fix="try --dtype float32")
+                self.group[f"stages/s{k}"][v, a:b] = cast
+        self.group["done"][v, j] = 1
+
+    # ---------------------------------------------------------------- reading
+    def check_complete(self) -> None:
+        done = self.done_mask()
+        if not done.all():
+            missing = int((~done).sum())
+            raise KDCacheError(
+                f"teacher {self.attrs.alias} in {self.store.path} is incomplete: {missing} of {done.size} "
+                "blocks not written (an extraction was interrupted)",
+                fix="run the same `kdcache extract` command again: it resumes and writes only what is missing",
+            )
+
+    def read(self, name: str, index: Any) -> np.ndarray:
+        """Read with a clear error naming the array and block when a chunk is damaged."""
+        arr = self.group[name]
+        try:
+            if isinstance(index, tuple) and any(isinstance(i, np.ndarray) for i in index):
+                return arr.oindex[index]
+            return arr[index]
+        except ValueError as exc:
+            if "checksum" in str(exc).lower():
+                raise KDCacheError(
+                    f"damaged chunk in {self.path}/{name} (index {index}): {exc}",
+                    fix=f"kdcache verify {self.store.path} --teacher {self.attrs.alias} names every damaged "
+                        "chunk; delete those chunk files and re-run the extract command to rewrite them",
+                ) from exc
+            raise
+
+    def epoch_targets(self, view_ids: np.ndarray, names: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        """Per-sample targets for one epoch: row i comes from view view_ids[i] of sample i.
+
+        Reads one view row at a time, so memory is O(N x width) whatever the number of views."""
+        n = self.store.num_samples
+        out = {}
+        for name in names:
+            arr = self.group[name]
+            buf = np.empty((n,) + arr.shape[2:], dtype=np.float32)
+            for v in np.unique(view_ids):
+                rows = np.nonzero(view_ids == v)[0]
+                buf[rows] = self.read(name, (int(v),))[rows]
+            out[name] = buf
+        return out
+
+    def stage_batch(self, k: int, view_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Stage-k maps for a batch of (view, sample) pairs (one read per distinct view)."""
+        arr = self.group[f"stages/s{k}"]
+        out = np.empty((len(idx),) + arr.shape[2:], dtype=np.float32)
+        for v in np.unique(view_ids):
+            sel = np.nonzero(view_ids == v)[0]
+            order = np.argsort(idx[sel])
+            got = self.read(f"stages/s{k}", (int(v), idx[sel][order]))  # orthogonal selection
+            out[sel[order]] = got
+        return out

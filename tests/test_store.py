@@ -1,0 +1,114 @@
+"""The Zarr store: atomic creation, fingerprint checks, block writes, epoch reads, damage detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kdcache.errors import KDCacheError
+from kdcache.store import Store, StoreAttrs, TeacherAttrs
+
+N, V, C, D = 50, 3, 10, 8
+
+
+def make_attrs(**kw):
+    base = dict(fingerprint={"name": "synthetic", "split": "train", "n": N, "label_hash": "abc"}, recipe="rrc",
+                recipe_version=1, recipe_knobs={}, global_seed=0, num_views=V,
+                param_names=("y0", "x0", "y1", "x1", "flip"), block_n=16)
+    base.update(kw)
+    return StoreAttrs(**base)
+
+
+def teacher_attrs(**kw):
+    base = dict(alias="t", timm_name="x", family="cnn", checkpoint=None, checkpoint_sha256="s", pretrained=False,
+                input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear", dtype="float32",
+                num_classes=C, embed_dim=D, stage_shapes=((4, 8, 8), (8, 4, 4), (16, 2, 2), (32, 1, 1)),
+                stored_stages=(3,), stage_views=2)
+    base.update(kw)
+    return TeacherAttrs(**base)
+
+
+def new_store(tmp_path, **kw):
+    rng = np.random.default_rng(0)
+    return Store.create_or_open(tmp_path / "s.zarr", make_attrs(**kw), rng.integers(0, C, N),
+                                rng.integers(0, 2**63, N, dtype=np.uint64), rng.integers(0, 2**63, (V, N), dtype=np.uint64),
+                                rng.random((V, N, 5), dtype=np.float32))
+
+
+def fill(cache, seed=0):
+    """Write every block with values that encode (view, sample) so reads can be checked exactly."""
+    n_blocks = cache.group["done"].shape[1]
+    for v in range(V):
+        for j in range(n_blocks):
+            a, b = cache.block_range(j)
+            idx = np.arange(a, b)
+            logits = (v * 1000 + idx)[:, None] + np.arange(C)[None] / 100.0
+            embed = np.full((b - a, D), v, dtype=np.float32)
+            stages = {3: np.full((b - a, 16, 2, 2), v + idx[:, None, None, None], dtype=np.float32)}
+            cache.write_block(v, j, logits, embed, stages)
+
+
+def test_create_open_and_fingerprint_mismatch(tmp_path):
+    s = new_store(tmp_path)
+    assert Store.open(s.path).attrs == s.attrs
+    again = new_store(tmp_path)  # same attrs: opens, no error
+    assert again.num_samples == N
+    with pytest.raises(KDCacheError, match="global_seed=0.*asks for 1"):
+        new_store(tmp_path, global_seed=1)
+    with pytest.raises(KDCacheError, match="was made from dataset"):
+        s.check_dataset({"name": "cifar10", "split": "train", "n": N, "label_hash": "abc"})
+
+
+def test_missing_store_and_teacher_are_clear_errors(tmp_path):
+    with pytest.raises(KDCacheError, match="(?s)no kdcache store.*kdcache extract"):
+        Store.open(tmp_path / "nothing.zarr")
+    s = new_store(tmp_path)
+    with pytest.raises(KDCacheError, match="(?s)no targets of teacher .swin_t.*kdcache extract --teacher swin_t"):
+        s.teacher("swin_t")
+
+
+def test_blocks_epoch_targets_and_stage_reads(tmp_path):
+    s = new_store(tmp_path)
+    cache = s.create_teacher(teacher_attrs(), V)
+    with pytest.raises(KDCacheError, match="incomplete"):
+        cache.check_complete()
+    fill(cache)
+    cache.check_complete()
+    view_ids = np.random.default_rng(1).integers(0, V, N)
+    got = cache.epoch_targets(view_ids, ("logits", "embed"))
+    idx = np.arange(N)
+    np.testing.assert_array_equal(got["logits"][:, 0], view_ids * 1000 + idx)
+    np.testing.assert_array_equal(got["embed"][:, 0], view_ids)
+    batch = np.array([7, 3, 40, 18])
+    vids = np.array([1, 0, 1, 1])
+    maps = cache.stage_batch(3, vids, batch)
+    np.testing.assert_array_equal(maps[:, 0, 0, 0], vids + batch)
+
+
+def test_teacher_settings_mismatch(tmp_path):
+    s = new_store(tmp_path)
+    s.create_teacher(teacher_attrs(), V)
+    with pytest.raises(KDCacheError, match="checkpoint_sha256"):
+        s.create_teacher(teacher_attrs(checkpoint_sha256="other"), V)
+
+
+def test_non_finite_outputs_refused_and_not_marked(tmp_path):
+    s = new_store(tmp_path)
+    cache = s.create_teacher(teacher_attrs(dtype="float16"), V)
+    a, b = cache.block_range(0)
+    bad = np.full((b - a, C), 1e6)  # overflows fp16
+    with pytest.raises(KDCacheError, match="non-finite logits.*view 0"):
+        cache.write_block(0, 0, bad, np.zeros((b - a, D)))
+    assert not cache.done_mask()[0, 0]
+
+
+def test_damaged_chunk_is_named(tmp_path):
+    s = new_store(tmp_path)
+    cache = s.create_teacher(teacher_attrs(), V)
+    fill(cache)
+    chunk = cache.path / "logits" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(KDCacheError, match="(?s)damaged chunk.*logits"):
+        cache.epoch_targets(np.ones(N, dtype=int))
