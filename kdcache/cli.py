@@ -188,6 +188,58 @@ def info(store: str = typer.Argument(..., help="path to a <split>.zarr store")):
 
 
 @app.command()
+def verify(
+    store: str = typer.Argument(..., help="path to a <split>.zarr store"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="default: every teacher in the store"),
+    samples: int = typer.Option(64, help="random (sample, view) pairs to replay through the teacher"),
+    checkpoint: Optional[str] = typer.Option(None, help="teacher weights (default: the recorded checkpoint)"),
+    no_replay: bool = typer.Option(False, "--no-replay", help="only check chunk checksums"),
+    seed: int = 0,
+    device: str = DEVICE,
+    data_root: Optional[str] = None,
+):
+    """Check every chunk's checksum and replay sampled views through the teacher; exit 1 if off."""
+    from kdcache.verify import verify_store
+
+    reports = verify_store(store, teacher, samples, seed, checkpoint, device, data_root, replay=not no_replay)
+    bad = False
+    for name, r in reports.items():
+        typer.echo(f"teacher {name}: {r.chunks_checked} chunks checked, {len(r.damaged)} damaged")
+        for d in r.damaged:
+            typer.secho(f"  damaged: {d}", fg="red")
+        if r.pairs:
+            t = r.tolerance
+            typer.echo(f"  replayed {r.pairs} (sample, view) pairs: max |logit diff| {r.max_logit_diff:.3g} "
+                       f"(tol {t['logit']:g}), max KL {r.max_kl:.3g} (tol {t['kl']:g}), "
+                       f"min embed cosine {r.min_embed_cos:.6f} (tol {t['cos']:g})")
+        typer.secho("  OK" if r.ok else "  FAILED", fg="green" if r.ok else "red")
+        bad |= not r.ok
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def bench(
+    teacher: str = typer.Option("swin_pico", "--teacher"),
+    student: str = typer.Option("resnet18_32", "--student"),
+    method: str = typer.Option("kd", "--method"),
+    dataset: str = DATASET,
+    subset: int = typer.Option(4096, help="training samples used"),
+    batch_size: int = 128,
+    steps: int = typer.Option(30, help="timed training steps per mode"),
+    views: int = typer.Option(2, help="views extracted"),
+    dtype: str = "float16",
+    device: str = DEVICE,
+    results: str = typer.Option("results/bench.parquet", help="Parquet table the row is appended to"),
+):
+    """Measure ce / cached / online / teacher / extract side by side and print the target ratios."""
+    from kdcache.bench import BenchConfig, run_bench
+
+    run_bench(BenchConfig(teacher=teacher, student=student, method=method, dataset=dataset, subset=subset,
+                          batch_size=batch_size, steps=steps, views=views, dtype=dtype, device=device,
+                          results=results))
+
+
+@app.command()
 def demo(
     teacher: str = typer.Option("resnet18_32", "--teacher"),
     student: str = typer.Option("resmlp_pico", "--student"),

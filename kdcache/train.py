@@ -68,7 +68,7 @@ class TrainConfig:
     results: str | None = "results/runs.parquet"
     resume: bool = False
     max_steps: int | None = None  # stop early (tests, benchmarks)
-    eval_every: int = 1
+    eval_every: int = 1  # 0: never evaluate (benchmarks)
     device: str = "auto"
     data_root: str | None = None
     download: bool = False
@@ -161,10 +161,12 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
 
 def _check_needs(cfg: TrainConfig, cache, needs: Needs, store: Store) -> None:
     a = cache.attrs
-    fix = (f"kdcache extract --teacher {cfg.teacher} --dataset {cfg.dataset} --methods {cfg.method} "
-           f"--store-root {cfg.store_root}   (after deleting {cache.path})")
-    missing = []
     lacking = sorted(set(needs.stages) - set(a.stored_stages))
+    stages = ",".join(map(str, sorted(set(needs.stages) | set(a.stored_stages))))
+    fix = (f"kdcache extract --teacher {cfg.teacher} --dataset {cfg.dataset} --methods {cfg.method}"
+           + (f" --stages {stages}" if needs.stages else "")
+           + f" --store-root {cfg.store_root}   (after deleting {cache.path})")
+    missing = []
     if lacking:
         missing.append(f"teacher stage maps {lacking} (the store has {list(a.stored_stages) or 'none'})")
     elif needs.stages and a.stage_views < store.attrs.num_views:
@@ -258,6 +260,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).numpy()
             student.train(), method.train()
             sums: dict[str, float] = {}
+            step_ends = [time.perf_counter()]
             for views, idx in iter_views(train, order, view_params[order], specs, cfg.batch_size, device):
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
@@ -284,6 +287,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
                 loss.backward()
                 opt.step()
                 step += 1
+                step_ends.append(time.perf_counter())
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss):.3f} top1 {acc:.2f}")
@@ -291,11 +295,12 @@ def run_train(cfg: TrainConfig) -> RunResult:
             train_seconds += seconds
             # 5. eval, metrics, checkpoint --------------------------------------------------------
             last = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-            if last or (epoch + 1) % cfg.eval_every == 0:
+            if cfg.eval_every and (last or (epoch + 1) % cfg.eval_every == 0):
                 acc = evaluate_model(student, test, specs[0], device)
                 best = max(best, acc)
             batches = max(1, step - (history[-1]["step"] if history else 0))
             row = {"epoch": epoch + 1, "step": step, "top1": acc, "seconds": seconds,
+                   "step_s_median": float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan"),
                    "lr": opt.param_groups[0]["lr"], **{k: v / batches for k, v in sums.items()}}
             history.append(row)
             with open(run_dir / "metrics.jsonl", "a") as f:

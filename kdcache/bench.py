@@ -1,0 +1,225 @@
+"""`kdcache bench`: the speed and memory of every stage, measured side by side in one run.
+
+Five measurements on the same machine, student, batch size and data:
+  ce       student training with no teacher (the physical limit of stage two)
+  cached   the student trained by a method from the store
+  online   the same method with the teacher live on the same views
+  teacher  the teacher's bare forward on pre-rendered views
+  extract  stage one end to end (render, forward, write)
+Each runs in its own spawned process so its peak memory (max RSS, or CUDA max allocated) is its
+own. Training modes run the real `run_train` loop (no copy), timed per step after warm-up.
+Results are printed with the target ratios and appended to a Parquet table.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class BenchConfig:
+    teacher: str = "swin_pico"
+    student: str = "resnet18_32"
+    method: str = "kd"
+    dataset: str = "fashion-mnist"
+    subset: int = 4096
+    batch_size: int = 128
+    steps: int = 30
+    views: int = 2
+    device: str = "auto"
+    dtype: str = "float16"
+    workdir: str | None = None
+    results: str = "results/bench.parquet"
+    teacher_epochs_for_weights: int = 0  # 0: random teacher weights (speed does not depend on them)
+    extra: dict = field(default_factory=dict)
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(kind: str, cfg: dict, root: str, queue) -> None:
+    """One measurement in a fresh process; puts a JSON-able dict on the queue."""
+    try:
+        import torch
+
+        torch.set_num_threads(max(torch.get_num_threads(), 1))
+        out = _MEASURES[kind](BenchConfig(**cfg), Path(root))
+        out["peak_mb"] = _peak_memory_mb(out.get("device", "cpu"))
+        queue.put(out)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _train_mode(cfg: BenchConfig, root: Path, method: str, online: bool) -> dict:
+    from kdcache.train import TrainConfig, run_train
+
+    r = run_train(TrainConfig(student=cfg.student, teacher=cfg.teacher if method != "ce" else None, method=method,
+                              dataset=cfg.dataset, subset=cfg.subset, epochs=1, batch_size=cfg.batch_size,
+                              max_steps=cfg.steps, eval_every=0, online=online, store_root=str(root / "cache"),
+                              out_dir=str(root / "runs"), results=None, progress=False, device=cfg.device,
+                              run_name=f"bench-{method}-{online}"))
+    import torch
+
+    hist = torch.load(r.checkpoint, weights_only=False)["history"][-1]
+    return {"step_s": hist["step_s_median"], "steps": r.steps, "device": r.device,
+            "images_per_s": cfg.batch_size / hist["step_s_median"]}
+
+
+def _measure_ce(cfg, root):
+    return _train_mode(cfg, root, "ce", False)
+
+
+def _measure_cached(cfg, root):
+    return _train_mode(cfg, root, cfg.method, False)
+
+
+def _measure_online(cfg, root):
+    return _train_mode(cfg, root, cfg.method, True)
+
+
+def _measure_extract(cfg, root):
+    from kdcache.extract import ExtractConfig, run_extract
+    from kdcache.inspect import store_summary
+
+    r = run_extract(ExtractConfig(teacher=cfg.teacher, dataset=cfg.dataset, checkpoint=str(root / "teacher.pt"),
+                                  recipe="padcrop", views=cfg.views, subset=cfg.subset, dtype=cfg.dtype,
+                                  store_root=str(root / "cache"), methods=(cfg.method,), batch_size=cfg.batch_size,
+                                  progress=False, device=cfg.device))
+    s = store_summary(r.store)["teachers"][cfg.teacher]
+    return {"images_per_s": r.images_per_s, "device": cfg.device if cfg.device != "auto" else _auto(),
+            "logits_bytes_per_view": s["arrays"]["logits"]["bytes_per_view"],
+            "embed_bytes_per_view": s["arrays"]["embed"]["bytes_per_view"], "num_classes": None}
+
+
+def _measure_teacher(cfg, root):
+    import numpy as np
+    import torch
+
+    from kdcache.data import load_dataset
+    from kdcache.data.loader import RenderSpec, iter_views
+    from kdcache.devices import resolve_device
+    from kdcache.extract import load_teacher, teacher_forward
+    from kdcache.store import Store, store_path
+
+    dev = resolve_device(cfg.device)
+    ds = load_dataset(cfg.dataset, "train", subset=cfg.subset)
+    model, meta = load_teacher(cfg.teacher, cfg.dataset, ds.num_classes, str(root / "teacher.pt"), False, "", ds.mean,
+                               ds.std)
+    model.to(dev).eval()
+    store = Store.open(store_path(root / "cache", cfg.dataset))
+    params = store.params()[0]
+    spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    batches = [x for (x,), _ in iter_views(ds, np.arange(min(len(ds), cfg.batch_size * (cfg.steps + 3))),
+                                             params, [spec], cfg.batch_size, dev)]
+    for x in batches[:3]:  # warm-up
+        teacher_forward(model, x, dev, (), 0)
+    times = []
+    for x in batches[3:]:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        teacher_forward(model, x, dev, (), 0)  # includes the copy of outputs to host, as extraction does
+        times.append(time.perf_counter() - t)
+    return {"step_s": float(np.median(times)), "images_per_s": cfg.batch_size / float(np.median(times)),
+            "device": str(dev)}
+
+
+def _auto() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_MEASURES = {"extract": _measure_extract, "teacher": _measure_teacher, "ce": _measure_ce,
+             "cached": _measure_cached, "online": _measure_online}
+
+
+def _run_child(kind: str, cfg: BenchConfig, root: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(kind, asdict(cfg), str(root), queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    if "error" in out:
+        from kdcache.errors import KDCacheError
+
+        raise KDCacheError(f"benchmark step {kind!r} failed: {out['error']}")
+    return out
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdcache.models import build_model
+    from kdcache.data import load_dataset
+    from kdcache.results import append_rows, git_commit
+
+    console = Console()
+    root = Path(cfg.workdir or tempfile.mkdtemp(prefix="kdcache-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(cfg.dataset, "train", subset=cfg.subset)
+    teacher = build_model(cfg.teacher, ds.num_classes)
+    torch.save({"model": teacher.state_dict(), "alias": cfg.teacher, "num_classes": ds.num_classes,
+                "mean": tuple(ds.mean), "std": tuple(ds.std), "input_size": teacher.spec.input_size}, root / "teacher.pt")
+    m = {}
+    for kind in ("extract", "teacher", "ce", "cached", "online"):
+        console.print(f"bench: measuring {kind} ...")
+        m[kind] = _run_child(kind, cfg, root)
+    ce, cached, online, teach = m["ce"]["step_s"], m["cached"]["step_s"], m["online"]["step_s"], m["teacher"]["step_s"]
+    ideal = 1 + teach / ce
+    ratios = {
+        "cached_over_ce": cached / ce,
+        "online_over_cached": online / cached,
+        "ideal_online_over_cached": ideal,
+        "online_speedup_fraction_of_ideal": (online / cached) / ideal,
+        "extract_over_teacher": m["extract"]["images_per_s"] / m["teacher"]["images_per_s"],
+        "logits_bytes_per_view": m["extract"]["logits_bytes_per_view"],
+        "logits_overhead": m["extract"]["logits_bytes_per_view"] / (2 * ds.num_classes) - 1
+        if cfg.dtype == "float16" else float("nan"),
+    }
+    table = Table(title=f"kdcache bench: {cfg.teacher} -> {cfg.student} [{cfg.method}], batch {cfg.batch_size}, "
+                        f"{m['ce']['device']}")
+    for col in ("mode", "step ms", "images/s", "peak MB"):
+        table.add_column(col, justify="right")
+    for kind in ("ce", "cached", "online", "teacher", "extract"):
+        step = m[kind].get("step_s")
+        table.add_row(kind, f"{step * 1e3:.1f}" if step else "-", f"{m[kind]['images_per_s']:.0f}",
+                      f"{m[kind]['peak_mb']:.0f}")
+    console.print(table)
+    targets = Table(title="ratios (targets from issue 5)")
+    for col in ("ratio", "measured", "target"):
+        targets.add_column(col, justify="right")
+    targets.add_row("cached / ce step time", f"{ratios['cached_over_ce']:.3f}", "<= 1.05")
+    targets.add_row("online / cached step time", f"{ratios['online_over_cached']:.3f}",
+                    f">= {0.95 * ideal:.3f} (0.95 x ideal {ideal:.3f})")
+    targets.add_row("extract / teacher throughput", f"{ratios['extract_over_teacher']:.3f}", ">= 0.90")
+    targets.add_row("logits bytes per view", f"{ratios['logits_bytes_per_view']:.1f}",
+                    f"<= {2 * ds.num_classes * 1.1:.1f} (2 x {ds.num_classes} classes + 10%)")
+    console.print(targets)
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(), "cpu": platform.processor(),
+           "device": m["ce"]["device"], "teacher": cfg.teacher, "student": cfg.student, "method": cfg.method,
+           "batch_size": cfg.batch_size, "subset": cfg.subset, "commit": git_commit(),
+           **{f"{k}_step_s": m[k].get("step_s", float("nan")) for k in m},
+           **{f"{k}_images_per_s": m[k]["images_per_s"] for k in m},
+           **{f"{k}_peak_mb": m[k]["peak_mb"] for k in m}, **ratios, "config": json.dumps(asdict(cfg))}
+    if cfg.results:
+        append_rows(cfg.results, [row])
+    if cfg.workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return row
