@@ -221,7 +221,7 @@ def plot_accuracy(tables: list[Table], path: Path) -> None:
         if tab.published:
             title += "; x = published"
         ax.set_title(title)
-        ax.legend(ncol=min(len(tab.methods), 8), fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -250,6 +250,7 @@ def plot_curves(tables: list[Table], path: Path) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(tab, t, s) for tab in tables for t, s in tab.pairs]
     cols = min(3, max(len(panels), 1))
@@ -276,11 +277,13 @@ def plot_curves(tables: list[Table], path: Path) -> int:
                     markersize=3, color=colors[m], label=m, linestyle="--" if m == "ce" else "-")
         ax.set_title(f"{t} -> {s}" if t else f"{s} alone", fontsize=9)
         ax.set_xlabel("epoch"), ax.set_ylabel("test top-1 (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
         else:
-            ax.text(0.5, 0.5, "no metrics.jsonl found", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no per-epoch metrics (metrics.jsonl)", ha="center", va="center",
+                    transform=ax.transAxes)
     for k in range(len(panels), rows * cols):
         axes[k // cols][k % cols].axis("off")
     fig.tight_layout()
@@ -321,6 +324,8 @@ def make_report(pipeline: str | Path | None = None, results: str | Path | None =
     order, out = its report_dir (results/<name>/). Without: every row of `results`."""
     from kdcache.results import read_results
 
+    if metric not in ("top1", "best_top1"):
+        raise KDCacheError(f"unknown metric {metric!r}", expected="top1 (final epoch) or best_top1")
     rows_filter = None
     pairs = methods = benchmark = None
     title = "kdcache report"

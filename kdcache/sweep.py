@@ -272,7 +272,7 @@ class Task:
     def label(self) -> str:
         if self.kind == "train":
             t = f" <- {self.teacher}" if self.teacher else ""
-            return f"train {self.student}{t} [{self.method}] seed {self.seed}"
+            return f"train {self.student}{t}, {self.method}, seed {self.seed}"
         return f"{self.kind} {self.teacher}"
 
 
@@ -534,15 +534,15 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
         if store is not None:
             if (store.attrs.recipe, store.attrs.num_views, store.attrs.global_seed) != (pipe.recipe, views,
                                                                                         pipe.view_seed):
-                note.append(f"[red]the store at {store.path} has recipe {store.attrs.recipe}, "
+                note.append(f"CONFLICT: the store at {store.path} has recipe {store.attrs.recipe}, "
                             f"{store.attrs.num_views} views, seed {store.attrs.global_seed}: delete it or change "
-                            "store_root[/red]")
+                            "store_root")
             elif alias in store.teacher_names():
                 cache = store.teacher(alias)
                 lacking = sorted(set(needs.stages) - set(cache.attrs.stored_stages))
                 if lacking or (needs.tail and not cache.attrs.has_tail):
-                    note.append(f"[red]its targets lack {('stages ' + str(lacking)) if lacking else 'the tail'}: "
-                                f"delete {cache.path} to re-extract[/red]")
+                    note.append(f"CONFLICT: its targets lack {('stages ' + str(lacking)) if lacking else 'the tail'}: "
+                                f"delete {cache.path} to re-extract")
                 elif cache.done_mask().all():
                     task.status = "done"
                 else:
@@ -564,7 +564,8 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
             ttask.status = "todo"
             ttask.config = _teacher_config(pipe, spec, progress, device)
             init = "hub weights" if spec.pretrained else "scratch"
-            ttask.note = (f"{ttask.config.epochs} epochs from {init} ({ttask.config.preset}) -> {spec.checkpoint}")
+            ttask.note = (f"train {ttask.config.epochs} epoch(s) from {init} ({ttask.config.preset}) -> "
+                          f"{spec.checkpoint}")
             task.deps = [ttask.id]
         teachers.append(ttask)
     return teachers + extracts + trains
@@ -630,11 +631,16 @@ def _fmt_count(x: int) -> str:
 
 def print_plan(pipe: Pipeline, tasks: list[Task], console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from kdcache.inspect import human
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console.width = max(console.width, 200)
     n, c = dataset_size(pipe)
     table = Table(title=f"sweep {pipe.name}: {pipe.dataset}" + (f" (subset {pipe.subset})" if pipe.subset else "")
                   + f", N={n if n else '?'}, C={c if c else '?'}, recipe {pipe.recipe}, views {pipe.views or 'auto'}",
@@ -644,8 +650,9 @@ def print_plan(pipe: Pipeline, tasks: list[Task], console=None) -> None:
         table.add_column(col, justify=just, overflow="fold")
     for i, t in enumerate(tasks, 1):
         style = STATUS_STYLE.get(t.status, "")
-        table.add_row(str(i), t.label, f"[{style}]{t.status}[/{style}]", _fmt_count(t.forwards) if t.forwards else "-",
-                      human(t.storage) if t.storage else "-", t.note)
+        table.add_row(str(i), escape(t.label), f"[{style}]{t.status}[/{style}]",
+                      _fmt_count(t.forwards) if t.forwards else "-", human(t.storage) if t.storage else "-",
+                      Text(t.note, style="red" if "CONFLICT" in t.note else ""))
     console.print(table)
     todo = [t for t in tasks if t.status == "todo"]
     live = [t for t in tasks if t.status != "unavailable"]
@@ -672,7 +679,9 @@ def _data_problem(pipe: Pipeline) -> tuple[str, str] | None:
             check_available(name, root=root, download=pipe.download)
             return None
         except KDCacheError as exc:
-            return exc.what, exc.fix or f"edit [dataset] in {pipe.path}"
+            where = f"in a pipeline: data_root = \"DIR\" or download = true under [dataset] of {pipe.path}"
+            return exc.what + (f" (expected: {exc.expected})" if exc.expected else ""), \
+                (f"{exc.fix}; " if exc.fix else "") + where
     if pipe.download or name == "synthetic":
         return None
     folders = {"cifar100": ("cifar-100-python", ("train", "test"), "CIFAR-100 (python version)"),
@@ -747,6 +756,8 @@ def execute_task(task: Task, *_deps: Any) -> str:
 
 
 def _run_local(summary: SweepSummary, todo: list[Task], console, max_runs: int | None) -> None:
+    from rich.markup import escape
+
     failed: set[str] = set()
     for i, task in enumerate(todo, 1):
         if task.kind == "train" and max_runs is not None and summary.ran["train"] >= max_runs:
@@ -760,12 +771,12 @@ def _run_local(summary: SweepSummary, todo: list[Task], console, max_runs: int |
             failed.add(task.id)
             summary.failures.append((task.id, task.note))
             continue
-        console.rule(f"[{i}/{len(todo)}] {task.label}")
+        console.rule(escape(f"[{i}/{len(todo)}] {task.label}"))
         try:
             execute_task(task)
         except Exception as exc:  # record, go on with what does not depend on it
             msg = exc.message if isinstance(exc, KDCacheError) else f"{type(exc).__name__}: {exc}"
-            console.print(f"[red]{task.label} failed: {msg}[/red]")
+            console.print(f"[red]{escape(task.label)} failed: {escape(msg)}[/red]")
             task.status, task.note = "failed", msg
             failed.add(task.id)
             summary.failures.append((task.id, msg))
@@ -776,6 +787,7 @@ def _run_local(summary: SweepSummary, todo: list[Task], console, max_runs: int |
 
 def _run_dask(summary: SweepSummary, todo: list[Task], scheduler: str, console, max_runs: int | None) -> None:
     from distributed import Client
+    from rich.markup import escape
 
     client = Client(scheduler)
     try:
@@ -812,12 +824,12 @@ def _run_dask(summary: SweepSummary, todo: list[Task], scheduler: str, console, 
             if exc is None:
                 task.status = "done"
                 summary.ran[task.kind] += 1
-                console.print(f"[green]done[/green] {task.label}")
+                console.print(f"[green]done[/green] {escape(task.label)}")
             else:
                 msg = exc.message if isinstance(exc, KDCacheError) else f"{type(exc).__name__}: {exc}"
                 task.status, task.note = "failed", msg
                 summary.failures.append((tid, msg))
-                console.print(f"[red]failed[/red] {task.label}: {msg}")
+                console.print(f"[red]failed[/red] {escape(task.label)}: {escape(msg)}")
     finally:
         client.close()
 
@@ -831,8 +843,12 @@ def run_sweep(pipeline_path: str | Path, dry_run: bool = False, scheduler: str |
     they need come along. `device` overrides the pipeline's. `max_runs` stops after that many student
     runs (the rest stay todo for the next call)."""
     from rich.console import Console
+    from rich.markup import escape
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console.width = max(console.width, 200)
     pipe = load_pipeline(pipeline_path, workdir)
     device = device or pipe.device
     tasks = plan_sweep(pipe, only, device=device, progress=progress)
@@ -854,6 +870,6 @@ def run_sweep(pipeline_path: str | Path, dry_run: bool = False, scheduler: str |
                   f"ran {done['train']} student runs; {len(summary.failures)} failed"
                   + ("; stopped early (max_runs)" if summary.stopped_early else ""))
     for tid, msg in summary.failures:
-        console.print(f"  [red]{tid}[/red]: {msg}")
+        console.print(f"  [red]{escape(tid)}[/red]: {escape(msg)}")
     console.print(f"results: {pipe.results}   report: kdcache report --pipeline {pipeline_path}")
     return summary

@@ -289,7 +289,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
                 step += 1
                 step_ends.append(time.perf_counter())
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss):.3f} top1 {acc:.2f}")
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds

@@ -70,9 +70,15 @@ def info_nce(target: torch.Tensor, pred: torch.Tensor, scale: torch.Tensor | flo
     Features are L2-normalised; logits are `scale * cos`. One direction: each `pred` row classifies
     its own target among the batch's `target` rows (cross-entropy, batch mean). `symmetric` averages
     it with the other direction. `intra` adds the anchor's own batch (minus itself) as negatives.
+    Computed in fp32, autocast or not (a bf16 similarity times a scale of up to 100 is too coarse).
     """
-    t = F.normalize(target.float(), dim=1)
-    p = F.normalize(pred.float(), dim=1)
+    with torch.autocast(target.device.type, enabled=False):
+        return _info_nce(target.float(), pred.float(), scale, symmetric, intra)
+
+
+def _info_nce(target, pred, scale, symmetric, intra):
+    t = F.normalize(target, dim=1)
+    p = F.normalize(pred, dim=1)
     labels = torch.arange(t.shape[0], device=t.device)
     eye = torch.eye(t.shape[0], dtype=torch.bool, device=t.device)
 

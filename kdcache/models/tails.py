@@ -10,7 +10,7 @@ What follows the tap, per timm class (all through timm's own modules and `forwar
 | timm class | stage-3 tap | tail |
 |---|---|---|
 | ResNet | `layer3` | `layer4`, `forward_head` (global_pool, fc) |
-| EfficientNet (MobileNetV2) | `blocks[stage_ends[-2] - 1]` (96 ch at stride 16) | `blocks[stage_ends[-2]:]`, `conv_head`, `bn2`, `forward_head` |
+| MobileNetV2 (EfficientNet) | `blocks[stage_ends[-2] - 1]` | `blocks[stage_ends[-2]:]`, `conv_head`, `bn2`, head |
 | ConvNeXt | `stages[2]` | `stages[3]`, `norm_pre`, `forward_head` (head) |
 | SwinTransformer | `layers[2]` (NHWC inside timm) | `layers[3]` (with its patch merging), `norm`, `forward_head` |
 | VisionTransformer (ViT/DeiT) | `blocks[block_taps[2]]` | later blocks, `norm`, `forward_head` |

@@ -1,0 +1,33 @@
+"""Data layer: dataset registry (uint8 images, stable keys, fingerprints) and the view table.
+
+The view table is the heart of kdcache's one invariant, "same view, same targets": every
+(sample, view) gets a seed from (global seed, sample key, view id) and explicit crop/flip params,
+and `render` turns params into pixels at any resolution. See views.py.
+"""
+
+from kdcache.data.datasets import (
+    DATASETS,
+    Fingerprint,
+    ImageDataset,
+    check_available,
+    load_dataset,
+    subset_indices,
+)
+from kdcache.data.views import (
+    PARAM_NAMES,
+    RECIPES,
+    Recipe,
+    epoch_views,
+    get_recipe,
+    key_hashes,
+    render,
+    render_batch,
+    view_seeds,
+    view_table,
+)
+
+__all__ = [
+    "DATASETS", "Fingerprint", "ImageDataset", "check_available", "load_dataset", "subset_indices",
+    "PARAM_NAMES", "RECIPES", "Recipe", "epoch_views", "get_recipe", "key_hashes", "render",
+    "render_batch", "view_seeds", "view_table",
+]

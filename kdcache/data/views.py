@@ -1,0 +1,463 @@
+"""The view table: which augmented view (sample i, view v) is, fixed before any teacher runs.
+
+A cached teacher target is only right for the exact pixels the teacher saw, so every view is
+described twice over:
+
+* a **seed** `mix(global_seed, key_hash(i), v)`, a pure function of the sample's stable key (never
+  of its position, of RNG-stream state or of a worker id), so that any subset, order or shard of
+  samples gets the same seeds;
+* explicit **params** drawn from that seed: a crop box in normalised source coordinates and a flip
+  bit (`PARAM_NAMES`). The store keeps the params, so replay never depends on re-deriving them:
+  `render(image, params, size, mean, std)` is a pure function, used by the teacher at its
+  resolution and by the student at its own (same region, different pixels).
+
+All randomness is counter-based integer hashing (splitmix64 finaliser), vectorised over numpy
+uint64 arrays: a 1.28M-sample x few-view table takes seconds and there are no Python RNG objects.
+
+Recipes (`RECIPES`):
+  cifar  pad-4 random crop + flip at the source size: the (2*4+1)^2 * 2 = 162 possible views are
+         enumerated (view v <-> one fixed (dy, dx, flip)), which makes a cache of all of them exactly
+         equivalent to online augmentation.
+  rrc    RandomResizedCrop (scale 0.08-1, log-uniform ratio 3/4-4/3, 10 attempts then the
+         torchvision centre-crop fallback) + flip with p=0.5, V views drawn from the seeds.
+  eval   one deterministic centre crop, no flip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache.errors import KDCacheError
+from kdcache.registry import Registry
+
+PARAM_NAMES = ("y0", "x0", "y1", "x1", "flip")
+"""Per-view parameters: crop box (top, left, bottom, right) in source coordinates divided by the
+source height/width (may extend outside [0, 1]: zero padding), and the horizontal flip bit."""
+
+# --- counter-based hashing -------------------------------------------------------------------
+# The constants and the order of mixing below define the seeds stored in every cache: changing
+# them changes every view, so they are part of each recipe's `version`.
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_DOMAIN_VIEW = 0x6B64_6361_6368_6501  # "kdcache" + 1: per (sample, view) seeds
+_DOMAIN_EPOCH = 0x6B64_6361_6368_6502  # which view a sample uses at an epoch
+_DOMAIN_SUBSET = 0x6B64_6361_6368_6503  # stratified subsets (datasets.py)
+_INV_2_53 = 1.0 / float(1 << 53)
+
+
+def _u64(x) -> np.ndarray:
+    """Any int / int array -> uint64 array (Python ints are taken modulo 2**64, so negative
+    seeds are fine)."""
+    if isinstance(x, (int, np.integer)):
+        return np.array(int(x) & _MASK64, dtype=np.uint64)
+    a = np.asarray(x)
+    if a.dtype == np.uint64:
+        return a
+    return a.astype(np.int64).astype(np.uint64)
+
+
+def _fmix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection on uint64 with full avalanche."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def mix(*words) -> np.ndarray:
+    """Hash a sequence of uint64 words (scalars or broadcastable arrays) to one uint64 each.
+
+    Each word is first spread with splitmix64 (so small consecutive integers like view ids or
+    epochs give unrelated outputs), then folded into the running state and re-mixed."""
+    h = np.array(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for w in words:
+            h = _fmix(h ^ _fmix(_u64(w) + _GOLDEN))
+    return h
+
+
+def uniform(seeds: np.ndarray, counter: int) -> np.ndarray:
+    """The `counter`-th uniform float64 in [0, 1) of each seed's splitmix64 stream, computed
+    directly (counter-based: no state, any counter in any order)."""
+    with np.errstate(over="ignore"):
+        z = _fmix(_u64(seeds) + _GOLDEN * np.uint64(counter + 1))
+    return (z >> np.uint64(11)).astype(np.float64) * _INV_2_53
+
+
+def key_hashes(keys: Sequence[str]) -> np.ndarray:
+    """uint64 [N] hash of each sample key (blake2b, 8 bytes little-endian).
+
+    Python's `hash()` is salted per process, so it would give different views in each worker."""
+    digest = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=8).digest() for k in keys)
+    return np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+
+
+def view_seeds(global_seed: int, key_hash: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """uint64 [V, N]: seed of (sample, view) = mix(domain, global_seed, key_hash, v).
+
+    Depends only on those three values, so the seed of a sample does not change when the dataset
+    is subset, reordered or split into blocks."""
+    kh = _u64(np.asarray(key_hash, dtype=np.uint64)).reshape(1, -1)
+    v = np.asarray(views, dtype=np.int64).reshape(-1, 1)
+    return mix(_DOMAIN_VIEW, int(global_seed), kh, v).astype(np.uint64, copy=False)
+
+
+# --- recipes ---------------------------------------------------------------------------------
+_BASE_FIELDS = ("name", "version", "default_views", "enumerates")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A view recipe: how params are drawn from seeds. `version` changes whenever the same
+    (seed, knobs) would give different params, so an old cache is never silently mismatched."""
+
+    name: str = ""
+    version: int = 1
+    default_views: int = 1
+    enumerates: bool = False  # True: the recipe has a finite set of views and V must be all of them
+
+    def knobs(self) -> dict[str, Any]:
+        """The recipe's settings (JSON-native), stored in the cache's attrs."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in _BASE_FIELDS}
+
+    def check_views(self, num_views: int) -> None:
+        """Raise KDCacheError if this recipe cannot have `num_views` views."""
+        if not isinstance(num_views, (int, np.integer)) or num_views < 1:
+            raise KDCacheError(f"number of views must be a positive integer, got {num_views!r}",
+                               fix="pass --views N with N >= 1, or leave it out for the recipe's default")
+        if self.enumerates and num_views != self.default_views:
+            raise KDCacheError(
+                f"recipe {self.name!r} has exactly {self.default_views} distinct views and caches all of "
+                f"them, so --views {num_views} is not possible",
+                expected=f"--views {self.default_views} (or no --views)",
+                fix=f"leave out --views, or use a sampling recipe such as 'rrc' for a chosen number of views")
+
+    def params(self, seeds: np.ndarray, view_ids: np.ndarray, heights: np.ndarray,
+               widths: np.ndarray) -> np.ndarray:
+        """float32 [V, N, len(PARAM_NAMES)] for seeds [V, N], view ids [V], source sizes [N]."""
+        raise NotImplementedError
+
+
+def _boxes(top, left, h, w, flip, heights, widths) -> np.ndarray:
+    """Integer pixel boxes -> normalised float32 params [V, N, 5] (render rounds them back)."""
+    H = np.asarray(heights, dtype=np.float64)
+    W = np.asarray(widths, dtype=np.float64)
+    top = np.asarray(top, dtype=np.float64)
+    left = np.asarray(left, dtype=np.float64)
+    out = np.empty(np.broadcast_shapes(top.shape, left.shape, H.shape) + (5,), dtype=np.float32)
+    out[..., 0] = top / H
+    out[..., 1] = left / W
+    out[..., 2] = (top + h) / H
+    out[..., 3] = (left + w) / W
+    out[..., 4] = flip
+    return out
+
+
+RECIPES: Registry[type[Recipe]] = Registry("view recipe", "--recipe")
+
+
+@RECIPES.register("cifar")
+@dataclass(frozen=True)
+class CifarRecipe(Recipe):
+    """Zero-pad by `pad`, random crop back to the source size, horizontal flip: an enumerable set
+    of (2*pad+1)^2 * (2 if flip else 1) views, view v = ((dy * (2*pad+1)) + dx) * nflip + f,
+    the same for every sample (the seed is not needed)."""
+
+    name: str = "cifar"
+    version: int = 1
+    default_views: int = 162
+    enumerates: bool = True
+    pad: int = 4
+    flip: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.pad, (int, np.integer)) or self.pad < 0:
+            raise KDCacheError(f"cifar recipe: pad must be an integer >= 0, got {self.pad!r}")
+        object.__setattr__(self, "default_views", (2 * self.pad + 1) ** 2 * (2 if self.flip else 1))
+
+    def combo(self, view_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dy, dx, flip) offsets in the padded image for each view id."""
+        v = np.asarray(view_ids, dtype=np.int64)
+        if v.size and (v.min() < 0 or v.max() >= self.default_views):
+            raise KDCacheError(f"cifar recipe: view ids must be in [0, {self.default_views}), got "
+                               f"{int(v.min())}..{int(v.max())}")
+        nf = 2 if self.flip else 1
+        side = 2 * self.pad + 1
+        f, rest = v % nf, v // nf
+        return rest // side, rest % side, f
+
+    def params(self, seeds, view_ids, heights, widths):
+        dy, dx, f = self.combo(view_ids)
+        H = np.asarray(heights, dtype=np.int64)[None, :]
+        W = np.asarray(widths, dtype=np.int64)[None, :]
+        top = np.broadcast_to((dy - self.pad)[:, None], (len(dy), H.shape[1]))
+        left = np.broadcast_to((dx - self.pad)[:, None], (len(dx), W.shape[1]))
+        flip = np.broadcast_to(f[:, None], top.shape).astype(np.float32)
+        return _boxes(top, left, H, W, flip, H, W)
+
+
+@RECIPES.register("rrc")
+@dataclass(frozen=True)
+class RRCRecipe(Recipe):
+    """torchvision's RandomResizedCrop.get_params, vectorised and driven by the view seeds.
+
+    Counter layout of each (sample, view) seed's uniform stream: attempt k (0..attempts-1) uses
+    counters 2k (area fraction) and 2k+1 (log aspect ratio); the accepted box's top and left use
+    counters 2*attempts and 2*attempts+1, the flip 2*attempts+2."""
+
+    name: str = "rrc"
+    version: int = 1
+    default_views: int = 1
+    enumerates: bool = False
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_p: float = 0.5
+    attempts: int = 10
+
+    def __post_init__(self):
+        scale, ratio = tuple(float(s) for s in self.scale), tuple(float(r) for r in self.ratio)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise KDCacheError(f"rrc recipe: scale must be (min, max) with 0 < min <= max, got {self.scale!r}")
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise KDCacheError(f"rrc recipe: ratio must be (min, max) with 0 < min <= max, got {self.ratio!r}")
+        if not 0.0 <= float(self.flip_p) <= 1.0:
+            raise KDCacheError(f"rrc recipe: flip_p must be in [0, 1], got {self.flip_p!r}")
+        if int(self.attempts) < 1:
+            raise KDCacheError(f"rrc recipe: attempts must be >= 1, got {self.attempts!r}")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "ratio", ratio)
+
+    def params(self, seeds, view_ids, heights, widths):
+        seeds = np.asarray(seeds, dtype=np.uint64)
+        V, N = seeds.shape
+        H = np.asarray(heights, dtype=np.int64)
+        W = np.asarray(widths, dtype=np.int64)
+        area = (H * W).astype(np.float64)
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        out = np.empty((V, N, 5), dtype=np.float32)
+        for row in range(V):  # one view at a time keeps memory O(N)
+            s = seeds[row]
+            h = np.zeros(N, dtype=np.int64)
+            w = np.zeros(N, dtype=np.int64)
+            found = np.zeros(N, dtype=bool)
+            for k in range(self.attempts):
+                target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * uniform(s, 2 * k))
+                aspect = np.exp(lo + (hi - lo) * uniform(s, 2 * k + 1))
+                wk = np.round(np.sqrt(target * aspect)).astype(np.int64)
+                hk = np.round(np.sqrt(target / aspect)).astype(np.int64)
+                ok = ~found & (wk > 0) & (wk <= W) & (hk > 0) & (hk <= H)
+                h[ok], w[ok] = hk[ok], wk[ok]
+                found |= ok
+            if not found.all():  # torchvision's fallback: the whole image, clipped to the ratio range
+                miss = ~found
+                Hm, Wm = H[miss], W[miss]
+                in_ratio = Wm / Hm
+                fh, fw = Hm.copy(), Wm.copy()
+                narrow = in_ratio < self.ratio[0]
+                wide = in_ratio > self.ratio[1]
+                fh[narrow] = np.round(Wm[narrow] / self.ratio[0]).astype(np.int64)
+                fw[wide] = np.round(Hm[wide] * self.ratio[1]).astype(np.int64)
+                h[miss], w[miss] = fh, fw
+            top = np.floor(uniform(s, 2 * self.attempts) * (H - h + 1)).astype(np.int64)
+            left = np.floor(uniform(s, 2 * self.attempts + 1) * (W - w + 1)).astype(np.int64)
+            if not found.all():
+                top[~found] = (H[~found] - h[~found]) // 2
+                left[~found] = (W[~found] - w[~found]) // 2
+            flip = (uniform(s, 2 * self.attempts + 2) < self.flip_p).astype(np.float32)
+            out[row] = _boxes(top, left, h, w, flip, H, W)
+        return out
+
+
+@RECIPES.register("eval")
+@dataclass(frozen=True)
+class EvalRecipe(Recipe):
+    """One deterministic view: the centred crop of `crop_pct` of the image, no flip.
+
+    With `square=True` (default) the crop is the centred square of side crop_pct * min(H, W), as
+    timm's eval transform (resize shorter side, centre crop) does, so non-square images are not
+    distorted; for square images (CIFAR, Fashion-MNIST) crop_pct=1.0 is the whole image either
+    way. `square=False` keeps crop_pct of each side."""
+
+    name: str = "eval"
+    version: int = 1
+    default_views: int = 1
+    enumerates: bool = True
+    crop_pct: float = 1.0
+    square: bool = True
+
+    def __post_init__(self):
+        if not 0.0 < float(self.crop_pct) <= 1.0:
+            raise KDCacheError(f"eval recipe: crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+
+    def params(self, seeds, view_ids, heights, widths):
+        H = np.asarray(heights, dtype=np.int64)
+        W = np.asarray(widths, dtype=np.int64)
+        if self.square:
+            h = np.maximum(np.round(np.minimum(H, W) * self.crop_pct).astype(np.int64), 1)
+            w = h
+        else:
+            h = np.maximum(np.round(H * self.crop_pct).astype(np.int64), 1)
+            w = np.maximum(np.round(W * self.crop_pct).astype(np.int64), 1)
+        one = _boxes((H - h) // 2, (W - w) // 2, h, w, np.zeros(len(H), np.float32), H, W)
+        return np.broadcast_to(one[None], (len(np.atleast_1d(view_ids)),) + one.shape).copy()
+
+
+def get_recipe(name: str, **knobs) -> Recipe:
+    """The recipe `name` with its knobs (e.g. get_recipe("rrc", scale=(0.35, 1))); unknown names
+    and knobs are KDCacheErrors that list the valid ones."""
+    cls = RECIPES.get(name)
+    valid = [f.name for f in dataclasses.fields(cls) if f.name not in _BASE_FIELDS]
+    bad = sorted(set(knobs) - set(valid))
+    if bad:
+        raise KDCacheError(f"recipe {name!r} has no setting {', '.join(bad)}",
+                           expected=f"one of: {', '.join(valid)}",
+                           fix="drop or rename the setting")
+    return cls(**knobs)
+
+
+def view_table(recipe: Recipe, global_seed: int, keys: Sequence[str], heights, widths,
+               num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds uint64 [V, N], params float32 [V, N, 5]) for views 0..num_views-1 of `keys`."""
+    recipe.check_views(num_views)
+    heights = np.asarray(heights, dtype=np.int64).reshape(-1)
+    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+    if not len(keys) == len(heights) == len(widths):
+        raise KDCacheError(f"view table: {len(keys)} keys but {len(heights)} heights and {len(widths)} widths",
+                           expected="one (height, width) per sample key")
+    if len(heights) and (heights.min() < 1 or widths.min() < 1):
+        raise KDCacheError("view table: every image must be at least 1x1 pixels")
+    views = np.arange(int(num_views), dtype=np.int64)
+    seeds = view_seeds(global_seed, key_hashes(keys), views)
+    return seeds, recipe.params(seeds, views, heights, widths)
+
+
+def epoch_views(recipe: Recipe, num_views: int, global_seed: int, key_hash: np.ndarray,
+                epoch: int) -> np.ndarray:
+    """int64 [N]: the view each sample uses at `epoch`.
+
+    An enumerating recipe (cifar) caches every possible view, so each epoch draws one uniformly
+    per sample from mix(global_seed, key, epoch): exactly online random augmentation. A sampling
+    recipe (rrc) has V planned views and uses view epoch % V for every sample, so with V = epochs
+    the cached run sees the same views as the online run with the same seed."""
+    recipe.check_views(num_views)
+    kh = np.asarray(key_hash, dtype=np.uint64).reshape(-1)
+    if recipe.enumerates:
+        return (mix(_DOMAIN_EPOCH, int(global_seed), kh, int(epoch)) % np.uint64(num_views)).astype(np.int64)
+    return np.full(len(kh), int(epoch) % int(num_views), dtype=np.int64)
+
+
+# --- rendering -------------------------------------------------------------------------------
+def _int_boxes(params: torch.Tensor, H: int, W: int):
+    """Params [B, 5] -> integer (top, left, h, w) and flip, rounding in float64 (exact for boxes
+    stored as integer/size in float32)."""
+    p = params.detach().to("cpu", torch.float64).reshape(-1, 5)
+    top = torch.round(p[:, 0] * H).long()
+    left = torch.round(p[:, 1] * W).long()
+    h = torch.round(p[:, 2] * H).long() - top
+    w = torch.round(p[:, 3] * W).long() - left
+    if len(p) and (int(h.min()) < 1 or int(w.min()) < 1):
+        raise KDCacheError("view params give an empty crop box (damaged or foreign view table)",
+                           fix="rebuild the store (delete it and run kdcache extract again)")
+    return top, left, h, w, p[:, 4] > 0.5
+
+
+def _norm(x: torch.Tensor, mean, std) -> torch.Tensor:
+    c = x.shape[-3]
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+    if m.shape[0] != c or s.shape[0] != c:
+        raise KDCacheError(f"mean/std have {m.shape[0]}/{s.shape[0]} values for {c}-channel images")
+    return x.div_(255.0).sub_(m).div_(s)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear with antialias (torchvision's default for tensors) on float [B, C, h, w]."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def render(image: torch.Tensor, params, size: int, mean, std) -> torch.Tensor:
+    """uint8 [C, H, W] -> float32 [C, size, size]: the view described by `params`.
+
+    Integer crop (zero padding outside the image), bilinear antialiased resize only when the crop
+    is not already size x size, horizontal flip if params[4] > 0.5, then (x/255 - mean)/std in
+    float32. Flipping after resizing is torchvision's order (RandomResizedCrop, then
+    RandomHorizontalFlip), so replay equals that pipeline bit for bit; at the native size the
+    cifar recipe gives exactly the padded random crop."""
+    if image.dim() != 3:
+        raise KDCacheError(f"render expects one image [C, H, W], got shape {tuple(image.shape)}",
+                           fix="use render_batch for [B, C, H, W]")
+    C, H, W = image.shape
+    top, left, h, w, flip = (t[0] for t in _int_boxes(torch.as_tensor(params), H, W))
+    top, left, h, w = int(top), int(left), int(h), int(w)
+    y0, y1 = max(top, 0), min(top + h, H)
+    x0, x1 = max(left, 0), min(left + w, W)
+    if (y0, x0, y1, x1) == (top, left, top + h, left + w):
+        crop = image[:, top:top + h, left:left + w]
+    else:
+        crop = torch.zeros((C, h, w), dtype=image.dtype, device=image.device)
+        if y1 > y0 and x1 > x0:
+            crop[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
+    x = _resize(crop.to(torch.float32).contiguous()[None], size)[0]
+    if bool(flip):
+        x = x.flip(-1)
+    return _norm(x.contiguous(), mean, std)
+
+
+def render_batch(images: torch.Tensor, params: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """uint8 [B, C, H, W] (one source size) -> float32 [B, C, size, size], equal to `render` on
+    each sample, bit for bit. Works on any device: crops are gathered with one flat index per
+    group (zero padding by masking), samples whose crops share a size are resized in one call
+    (all of them for the cifar recipe), flips are one indexed copy."""
+    if images.dim() != 4:
+        raise KDCacheError(f"render_batch expects images [B, C, H, W], got shape {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    params = torch.as_tensor(params)
+    if params.shape[0] != B:
+        raise KDCacheError(f"render_batch: {B} images but {params.shape[0]} param rows")
+    top, left, h, w, flip = _int_boxes(params, H, W)
+    dev = images.device
+    flat = images.contiguous().reshape(-1)
+    chan = torch.arange(C)[None, :, None, None] * (H * W)
+    groups = h * (int(w.max()) + 1 if B else 1) + w
+    keys = torch.unique(groups).tolist()
+    out = None if len(keys) == 1 else torch.empty((B, C, size, size), dtype=torch.float32, device=dev)
+    for g in keys:
+        idx = torch.nonzero(groups == g).flatten()
+        gh, gw = int(h[idx[0]]), int(w[idx[0]])
+        ys = top[idx, None] + torch.arange(gh)  # [G, gh]
+        xs = left[idx, None] + torch.arange(gw)  # [G, gw]
+        vy, vx = (ys >= 0) & (ys < H), (xs >= 0) & (xs < W)
+        lin = (idx[:, None, None, None] * (C * H * W) + chan
+               + (ys.clamp(0, H - 1) * W)[:, None, :, None] + xs.clamp(0, W - 1)[:, None, None, :])
+        crop = torch.gather(flat, 0, lin.reshape(-1).to(dev)).reshape(len(idx), C, gh, gw)
+        if not (bool(vy.all()) and bool(vx.all())):  # zero padding
+            crop.masked_fill_(~(vy[:, :, None] & vx[:, None, :]).to(dev)[:, None], 0)
+        crop = _resize(crop.to(torch.float32), size)
+        if out is None:  # one crop size (cifar recipe): no scatter needed
+            out = crop
+        else:
+            out[idx.to(dev)] = crop
+    if bool(flip.any()):
+        fi = torch.nonzero(flip).flatten().to(dev)
+        out[fi] = out[fi].flip(-1)
+    return _norm(out, mean, std)
