@@ -267,6 +267,7 @@ class Task:
     student: str = ""
     method: str = ""
     seed: int = 0
+    needs: Any = None  # extract: the union of its runs' Needs
 
     @property
     def label(self) -> str:
@@ -361,7 +362,7 @@ def _student_config(pipe: Pipeline, student: str, teacher: str | None, method: s
                   opts=_opt_strings(options), seed=seed, view_seed=pipe.view_seed, recipe=pipe.recipe,
                   views=pipe.views, store_root=str(pipe.store_root), out_dir=str(pipe.out_dir),
                   results=str(pipe.results), device=device, data_root=pipe.data_root, download=pipe.download,
-                  progress=progress, resume=True, max_steps=pipe.max_steps)
+                  progress=progress, max_steps=pipe.max_steps)
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(preset=preset, **{k: v for k, v in values.items() if k in valid})
 
@@ -379,13 +380,11 @@ def _teacher_config(pipe: Pipeline, spec: TeacherSpec, progress: bool, device: s
     seed = int(values.pop("seed", 0))
     values.update(student=spec.alias, method="ce", teacher=None, dataset=pipe.dataset, seed=seed,
                   pretrained=spec.pretrained, device=device, data_root=pipe.data_root, download=pipe.download,
-                  progress=progress, resume=True, out_dir=str(pipe.out_dir), results=str(pipe.teacher_results),
+                  progress=progress, out_dir=str(pipe.out_dir), results=str(pipe.teacher_results),
                   run_name=f"teacher-{pipe.dataset}-{spec.alias}-s{seed}", save_teacher_to=str(spec.checkpoint),
                   # a folder that never holds a store: the teacher draws its own views (it may use another
                   # subset than the students' store, whose fingerprint would not match)
                   store_root=str(pipe.store_root / ".teacher-training"))
-    if pipe.max_steps is not None and "max_steps" not in values:
-        values["max_steps"] = pipe.max_steps
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(preset=preset, **{k: v for k, v in values.items() if k in valid})
 
@@ -524,8 +523,7 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
         ecfg = _extract_config(pipe, spec, ex_methods, needs, fams, views, progress, device)
         task = Task("extract", f"extract:{alias}", "todo", teacher=alias, config=ecfg,
                     forwards=-(views * n) if n else 0)
-        if estimate and c:
-            task.storage = _storage(alias, c, n or 0, views, needs, pipe)
+        task.needs = needs
         note = [f"methods {','.join(ex_methods)}"]
         if needs.stages:
             note.append(f"stage maps {list(needs.stages)}")
@@ -568,7 +566,19 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
                           f"{spec.checkpoint}")
             task.deps = [ttask.id]
         teachers.append(ttask)
-    return teachers + extracts + trains
+    tasks = teachers + extracts + trains
+    if estimate:
+        estimate_storage(pipe, tasks)
+    return tasks
+
+
+def estimate_storage(pipe: Pipeline, tasks: list[Task]) -> None:
+    """Fill in the bytes each extraction writes (one dummy forward per teacher to measure D_t and the
+    stage shapes; no data, no GPU)."""
+    n, c = dataset_size(pipe)
+    for task in tasks:
+        if task.kind == "extract" and n and c and task.needs is not None:
+            task.storage = _storage(task.teacher, c, n, task.config.views, task.needs, pipe)
 
 
 def build_opts(cls, resolved: dict[str, Any]):
@@ -679,9 +689,10 @@ def _data_problem(pipe: Pipeline) -> tuple[str, str] | None:
             check_available(name, root=root, download=pipe.download)
             return None
         except KDCacheError as exc:
-            where = f"in a pipeline: data_root = \"DIR\" or download = true under [dataset] of {pipe.path}"
-            return exc.what + (f" (expected: {exc.expected})" if exc.expected else ""), \
-                (f"{exc.fix}; " if exc.fix else "") + where
+            what = f"the {name} data: {exc.what}" + (f" (expected: {exc.expected})" if exc.expected else "")
+            fix = (f"set download = true under [dataset] of {pipe.path} to fetch it, or point data_root there "
+                   f"(now {root or 'unset'}) at the folder that holds it")
+            return what, fix + (f" (for single commands: {exc.fix})" if exc.fix else "")
     if pipe.download or name == "synthetic":
         return None
     folders = {"cifar100": ("cifar-100-python", ("train", "test"), "CIFAR-100 (python version)"),
@@ -725,31 +736,31 @@ def preflight(pipe: Pipeline, tasks: list[Task], device: str, *, check_device: b
         import torch
 
         if device.startswith("cuda") and not torch.cuda.is_available():
-            missing.append(f"a CUDA device: the pipeline runs on device = \"{device}\", and torch sees no GPU here")
+            missing.append(f"a CUDA device: the pipeline runs on device = \"{device}\" and torch sees no GPU here")
             fixes.append("run it on a machine with an NVIDIA GPU, or pass --device cpu (or set device = \"cpu\" in "
                          f"{pipe.path}); --dry-run shows how much work that is")
     if missing:
-        raise KDCacheError(f"cannot start sweep {pipe.name}: missing " + "; and ".join(missing),
-                           fix="\n       ".join(fixes) if fixes else None)
+        raise KDCacheError(f"cannot start sweep {pipe.name}; missing:\n    - " + "\n    - ".join(missing),
+                           fix="\n    - ".join([""] + fixes) if fixes else None)
 
 
 # ---------------------------------------------------------------------------------------------------
 # execution
 # ---------------------------------------------------------------------------------------------------
 def execute_task(task: Task, *_deps: Any) -> str:
-    """Run one task in this process (also what a Dask worker runs); returns its id."""
-    if task.kind == "teacher":
+    """Run one task in this process (also what a Dask worker runs); returns its id.
+
+    A student or teacher run interrupted earlier resumes from its last epoch checkpoint."""
+    if task.kind in ("teacher", "train"):
         from kdcache.train import run_train
 
-        run_train(task.config)
+        cfg = task.config
+        last = Path(cfg.out_dir) / cfg.run_name / "last.pt"
+        run_train(dataclasses.replace(cfg, resume=last.is_file()))
     elif task.kind == "extract":
         from kdcache.extract import run_extract
 
         run_extract(task.config)
-    elif task.kind == "train":
-        from kdcache.train import run_train
-
-        run_train(task.config)
     else:
         raise ValueError(f"unknown task kind {task.kind!r}")
     return task.id
@@ -851,12 +862,14 @@ def run_sweep(pipeline_path: str | Path, dry_run: bool = False, scheduler: str |
             console.width = max(console.width, 200)
     pipe = load_pipeline(pipeline_path, workdir)
     device = device or pipe.device
-    tasks = plan_sweep(pipe, only, device=device, progress=progress)
+    tasks = plan_sweep(pipe, only, device=device, progress=progress, estimate=False)
     summary = SweepSummary(pipe.name, tasks, dry_run=dry_run)
+    if not dry_run:  # fail at once, before anything slow, when data or the GPU is missing
+        preflight(pipe, tasks, device, check_device=scheduler is None, check_data=scheduler is None)
+    estimate_storage(pipe, tasks)
     print_plan(pipe, tasks, console)
     if dry_run:
         return summary
-    preflight(pipe, tasks, device, check_device=scheduler is None, check_data=scheduler is None)
     todo = [t for t in tasks if t.status == "todo"]
     if not todo:
         console.print("[green]nothing to do: every available task is done[/green]")
