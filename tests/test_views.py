@@ -362,3 +362,32 @@ def test_recipe_knobs_are_checked_and_recorded():
         view_table(get_recipe("rrc"), 0, _keys(3), [32] * 2, [32] * 3, 1)
     with pytest.raises(KDCacheError):
         view_table(get_recipe("rrc"), 0, _keys(3), [32] * 3, [32] * 3, 0)
+
+
+def test_padcrop_draws_cifar_views_per_sample_and_view():
+    """padcrop params are cifar combos chosen by the (sample, view) seed: every box is one of the
+    162 cifar boxes, different samples/views get different ones, and render replays them exactly."""
+    import torch.nn.functional as F
+
+    from kdcache.data.views import get_recipe, render, view_table
+
+    keys = [f"train/{i:05d}" for i in range(400)]
+    sizes = np.full(len(keys), 28)
+    pad = get_recipe("padcrop")
+    cifar = get_recipe("cifar")
+    _, p = view_table(pad, 3, keys, sizes, sizes, 4)
+    _, all_cifar = view_table(cifar, 3, keys[:1], sizes[:1], sizes[:1], 162)
+    allowed = {tuple(np.round(row, 6)) for row in all_cifar[:, 0]}
+    drawn = {tuple(np.round(row, 6)) for row in p.reshape(-1, 5)}
+    assert drawn <= allowed and len(drawn) > 120  # 1600 draws cover most of the 162 combos
+    assert not np.array_equal(p[0], p[1])  # views differ
+    _, again = view_table(pad, 3, keys[::-1], sizes, sizes, 4)
+    np.testing.assert_array_equal(again[:, ::-1], p)  # independent of sample order
+    img = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    y0, x0, _, _, flip = p[2, 7]
+    top, left = int(round(y0 * 28)), int(round(x0 * 28))
+    ref = F.pad(img, (4, 4, 4, 4))[:, top + 4:top + 32, left + 4:left + 32].float() / 255
+    if flip > 0.5:
+        ref = ref.flip(-1)
+    got = render(img, torch.as_tensor(p[2, 7]), 28, (0.0,) * 3, (1.0,) * 3)
+    assert torch.equal(got, ref)

@@ -213,6 +213,33 @@ class CifarRecipe(Recipe):
         return _boxes(top, left, H, W, flip, H, W)
 
 
+@RECIPES.register("padcrop")
+@dataclass(frozen=True)
+class PadCropRecipe(CifarRecipe):
+    """The cifar augmentation sampled instead of enumerated: view v of sample i is the pad-crop +
+    flip combination drawn from the (sample, view) seed. With V = epochs (one view per epoch) it
+    caches exactly what online training with these seeds sees, at V/162 of the cifar store's size."""
+
+    name: str = "padcrop"
+    enumerates: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "default_views", 1)
+
+    def params(self, seeds, view_ids, heights, widths):
+        side = 2 * self.pad + 1
+        combos = side * side * (2 if self.flip else 1)
+        u = uniform(seeds, 0)  # [V, N] in [0, 1)
+        combo = np.minimum((u * combos).astype(np.int64), combos - 1)
+        nf = 2 if self.flip else 1
+        f, rest = combo % nf, combo // nf
+        dy, dx = rest // side, rest % side
+        H = np.asarray(heights, dtype=np.int64)[None, :]
+        W = np.asarray(widths, dtype=np.int64)[None, :]
+        return _boxes(dy - self.pad, dx - self.pad, H, W, f.astype(np.float32), H, W)
+
+
 @RECIPES.register("rrc")
 @dataclass(frozen=True)
 class RRCRecipe(Recipe):
