@@ -59,6 +59,7 @@ def extract(
     dataset: str = DATASET,
     checkpoint: Optional[str] = typer.Option(None, help="teacher weights (default checkpoints/<dataset>/<teacher>.pt)"),
     pretrained: bool = typer.Option(False, help="use timm hub weights"),
+    checkpoint_dir: str = typer.Option("checkpoints", help="where `kdcache teacher` saved checkpoints"),
     recipe: str = typer.Option("cifar", help="view recipe: cifar (162 views), rrc, eval"),
     views: Optional[int] = typer.Option(None, help="number of views (default: the recipe's)"),
     methods: str = typer.Option("kd", help="comma-separated methods the store must serve"),
@@ -86,7 +87,7 @@ def extract(
                         methods=_split_methods(methods), stages=stage_list, stage_views=stage_views,
                         stage_grid=stage_grid, student_family=student_family, batch_size=batch_size,
                         block_n=block_n, blocks=blocks, device=device, subset=subset, data_root=data_root,
-                        download=download)
+                        download=download, checkpoint_dir=checkpoint_dir)
     r = run_extract(cfg)
     acc = f", teacher top-1 {r.teacher_acc:.2f}%" if r.teacher_acc is not None else ""
     typer.echo(f"{r.store}: wrote {r.blocks_written} blocks ({r.images} views, {r.images_per_s:.0f} img/s), "

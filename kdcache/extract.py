@@ -187,6 +187,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     device = resolve_device(cfg.device)
     if cfg.dtype not in ("float16", "float32"):
         raise KDCacheError(f"--dtype {cfg.dtype!r} is not supported", expected="float16 or float32")
+    recipe = get_recipe(cfg.recipe)  # validate cheap settings before loading data or weights
+    recipe.check_views(cfg.views or recipe.default_views)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
     spec = MODELS.get(cfg.teacher)
     needs = method_needs(tuple(cfg.methods), spec.family, cfg.student_family)

@@ -28,18 +28,23 @@ import fnmatch
 import hashlib
 import json
 import os
-import tomllib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from kdcache.errors import KDCacheError
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 # Training-set sizes and class counts known without loading the data (dry-run estimates).
 KNOWN_SIZES = {"cifar100": (50000, 100), "cifar10": (50000, 10), "fashion-mnist": (60000, 10),
                "imagenet": (1281167, 1000)}
+DOWNLOADABLE = ("cifar10", "cifar100", "fashion-mnist")
 STATUS_STYLE = {"done": "green", "todo": "yellow", "unavailable": "magenta", "failed": "red"}
-METHOD_ORDER = ("ce", "kd", "dkd", "dist", "ofa", "mldr", "hcd", "fbt")
 _TOP_KEYS = {"name", "benchmark", "description", "device", "seeds", "methods", "pairs", "max_steps", "dataset",
              "views", "extract", "paths", "presets", "train", "options", "teachers"}
 
@@ -81,6 +86,7 @@ class Pipeline:
     train_family: dict[str, dict[str, Any]]  # ... and per student family
     teachers: dict[str, TeacherSpec]
     pairs: list[tuple[str, str]]
+    pair_methods: dict[tuple[str, str], list[str]]  # a pair limited to some of the methods
     methods: list[str]
     options: dict[str, dict[str, Any]]  # method -> option overrides
     seeds: list[int]
@@ -165,17 +171,25 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
 
     # pairs
     pairs: list[tuple[str, str]] = []
+    pair_methods: dict[tuple[str, str], list[str]] = {}
     for p in doc.get("pairs", []):
-        if isinstance(p, dict):
-            ts = p.get("teacher")
-            for s in ([p["students"]] if isinstance(p.get("students"), str) else p.get("students", [])):
-                pairs.append((ts, s))
+        if isinstance(p, dict):  # { teacher = "t", students = ["a", "b"], methods = [...] }
+            ts = str(p.get("teacher"))
+            studs = p.get("students", p.get("student", []))
+            for s in ([studs] if isinstance(studs, str) else studs):
+                pairs.append((ts, str(s)))
+                if "methods" in p:
+                    pair_methods[(ts, str(s))] = [str(m) for m in p["methods"]]
         elif isinstance(p, (list, tuple)) and len(p) == 2:
             pairs.append((str(p[0]), str(p[1])))
         else:
             problems.append(f"pair {p!r} is not [\"teacher\", \"student\"]")
     if not pairs:
         problems.append("no pairs: add pairs = [[\"teacher\", \"student\"], ...]")
+    for (t, s), ms in pair_methods.items():
+        extra = sorted(set(ms) - set(doc.get("methods", ["ce", "kd"])))
+        if extra:
+            problems.append(f"pair {t} -> {s} lists methods {extra} that are not in methods = [...]")
     for t, _ in pairs:
         if t not in teachers:
             problems.append(f"pair teacher {t!r} is not among the [[teachers]] ({', '.join(teachers) or 'none'})")
@@ -205,7 +219,7 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
         results=_resolve(base, paths.get("results", f"results/{name}.parquet")), checkpoint_dir=ckpt_dir,
         report_dir=_resolve(base, paths.get("report_dir", f"results/{name}")),
         presets={str(k): str(v) for k, v in table("presets").items()}, train=train, train_family=train_family,
-        teachers=teachers, pairs=pairs, methods=methods, options={k: dict(v) for k, v in options.items()
+        teachers=teachers, pairs=pairs, pair_methods=pair_methods, methods=methods, options={k: dict(v) for k, v in options.items()
                                                                    if isinstance(v, dict)},
         seeds=seeds, device=str(doc.get("device", "auto")), max_steps=doc.get("max_steps"))
     problems += _validate_names(pipe)
@@ -473,6 +487,8 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
         for teacher, student in wanted:
             if (method == "ce") != (teacher is None):
                 continue
+            if teacher is not None and method not in pipe.pair_methods.get((teacher, student), [method]):
+                continue
             for seed in pipe.seeds:
                 task = Task("train", "", "todo", teacher=teacher or "", student=student, method=method, seed=seed)
                 if only and not _select(task, only):
@@ -486,10 +502,12 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
                 if cls is None:
                     task.status, task.note = "unavailable", why
                 else:
+                    from kdcache.methods import build_options  # importable: _method_status found cls
+
                     sfam = MODELS.get(student).family
                     tfam = MODELS.get(teacher).family if teacher else None
                     try:
-                        needs = cls.needs(build_opts(cls, opts), tfam, sfam)
+                        needs = cls.needs(build_options(cls, dict(opts)), tfam, sfam)
                     except KDCacheError as exc:
                         task.status, task.note = "unavailable", exc.what
                 if task.status != "unavailable" and name in done_runs:
@@ -579,12 +597,6 @@ def estimate_storage(pipe: Pipeline, tasks: list[Task]) -> None:
     for task in tasks:
         if task.kind == "extract" and n and c and task.needs is not None:
             task.storage = _storage(task.teacher, c, n, task.config.views, task.needs, pipe)
-
-
-def build_opts(cls, resolved: dict[str, Any]):
-    from kdcache.methods import build_options
-
-    return build_options(cls, dict(resolved))
 
 
 def _extract_config(pipe: Pipeline, spec: TeacherSpec, methods: tuple[str, ...], needs, families: set[str],
@@ -691,7 +703,8 @@ def _data_problem(pipe: Pipeline) -> tuple[str, str] | None:
         except KDCacheError as exc:
             what = f"the {name} data: {exc.what}" + (f" (expected: {exc.expected})" if exc.expected else "")
             fix = (f"set download = true under [dataset] of {pipe.path} to fetch it, or point data_root there "
-                   f"(now {root or 'unset'}) at the folder that holds it")
+                   f"(now {root or 'unset'}) at the folder that holds it") if name in DOWNLOADABLE else \
+                (f"point data_root under [dataset] of {pipe.path} (now {root or 'unset'}) at the folder that holds it")
             return what, fix + (f" (for single commands: {exc.fix})" if exc.fix else "")
     if pipe.download or name == "synthetic":
         return None
@@ -812,6 +825,7 @@ def _run_dask(summary: SweepSummary, todo: list[Task], scheduler: str, console, 
         priority = {"teacher": 20, "extract": 10, "train": 0}
         extract_ids = [t.id for t in todo if t.kind == "extract"]
         trains = 0
+        sweep_id = uuid.uuid4().hex[:8]  # a scheduler may outlive sweeps: keys must not collide
         for task in todo:
             if task.kind == "train":
                 if max_runs is not None and trains >= max_runs:
@@ -821,7 +835,7 @@ def _run_dask(summary: SweepSummary, todo: list[Task], scheduler: str, console, 
             task.config = dataclasses.replace(task.config, progress=False)
             deps = task.deps if not (task.kind == "train" and task.method == "ce") else extract_ids
             dep_futures = [futures[d] for d in deps if d in futures]
-            futures[task.id] = client.submit(execute_task, task, *dep_futures, key=f"kdcache-{task.id}",
+            futures[task.id] = client.submit(execute_task, task, *dep_futures, key=f"kdcache-{sweep_id}-{task.id}",
                                              resources={"GPU": 1}, priority=priority[task.kind], pure=False,
                                              retries=1 if task.kind == "extract" else 0)
         console.print(f"submitted {len(futures)} tasks to {scheduler}")

@@ -140,6 +140,7 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
         cache = store.teacher(cfg.teacher)
         cache.check_complete()
         _check_needs(cfg, cache, needs, store)
+        cache.check_integrity(tuple(n for n, w in (("logits", needs.logits), ("embed", needs.embed)) if w))
         a = cache.attrs
         tinfo = TeacherInfo(alias=a.alias, family=a.family, num_classes=a.num_classes, embed_dim=a.embed_dim,
                             input_size=a.input_size, stage_shapes=a.stage_shapes)
@@ -244,6 +245,8 @@ def run_train(cfg: TrainConfig) -> RunResult:
         torch.set_rng_state(blob["rng"])
     elif cfg.resume:
         print(f"note: --resume given but {ckpt_path} does not exist; starting from scratch")
+    if start_epoch == 0:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     # 4. the loop ---------------------------------------------------------------------------------
     t_start = time.perf_counter()
     train_seconds = sum(h["seconds"] for h in history)
@@ -290,7 +293,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
                 step_ends.append(time.perf_counter())
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss):.3f} top1 {acc:.2f}")
+                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss.detach()):.3f} top1 {acc:.2f}")
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds
             # 5. eval, metrics, checkpoint --------------------------------------------------------

@@ -97,10 +97,11 @@ def verify_store(path: str | Path, teacher: str | None = None, samples: int = 64
             views = rng.integers(0, cache.num_views, k)
             keep = np.array([done[v, i // cache.block_n] for v, i in zip(views, idx)])
             idx, views = idx[keep], views[keep]
-            params = store.group["views/params"].vindex[views, idx]
+            params = np.stack([store.group["views/params"][int(v), int(i)] for v, i in zip(views, idx)]) \
+                if len(idx) else np.zeros((0, 5), np.float32)
             spec = RenderSpec(a.input_size, tuple(a.mean), tuple(a.std))
-            cached_logits = cache.group["logits"].vindex[views, idx].astype(np.float32)
-            cached_embed = cache.group["embed"].vindex[views, idx].astype(np.float32)
+            cached_logits = cache.read_pairs("logits", views, idx)
+            cached_embed = cache.read_pairs("embed", views, idx)
             live_l, live_e = [], []
             for (x,), _ in iter_views(ds, idx, params, [spec], 256, dev):
                 lg, em, _ = teacher_forward(model, x, dev, (), 0)

@@ -17,6 +17,17 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 SMOKE = PIPELINES / "smoke.toml"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _console() -> Console:
     return Console(file=io.StringIO(), width=250)
 
@@ -141,6 +152,13 @@ def test_only_and_unavailable_methods(tmp_path):
     tasks = plan_sweep(load_pipeline(tmp_path / "p.toml", tmp_path), estimate=False)
     notyet = [t for t in tasks if t.method == "notyet"]
     assert len(notyet) == 2 and all(t.status == "unavailable" and "not registered" in t.note for t in notyet)
+    # a pair can be limited to some methods
+    text = SMOKE.read_text().replace('["resnet10t", "deit_pico"]',
+                                     '{ teacher = "resnet10t", students = ["deit_pico"], methods = ["ce"] }')
+    (tmp_path / "q.toml").write_text(text)
+    tasks = plan_sweep(load_pipeline(tmp_path / "q.toml", tmp_path), estimate=False)
+    assert [(t.student, t.method) for t in tasks if t.kind == "train"] == [
+        ("resmlp_pico", "ce"), ("deit_pico", "ce"), ("resmlp_pico", "kd")]
 
 
 def test_pipeline_problems_reported_together(tmp_path):
@@ -187,3 +205,33 @@ def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path, counters):
     r = make_report(SMOKE, workdir=tmp_path)
     assert (tmp_path / "results" / "smoke" / "report.md").is_file()
     assert "| resnet10t -> resmlp_pico |" in r.markdown and "published" not in r.markdown.split("<details>")[0]
+
+
+def test_dask_scheduler_runs_the_plan(tmp_path):
+    """With a scheduler, tasks go to workers with a GPU resource: teacher, then extraction, then runs."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        s = run_sweep(SMOKE, workdir=tmp_path, scheduler=cluster.scheduler_address, console=_console())
+    assert s.ok and s.ran == {"teacher": 1, "extract": 1, "train": 4}
+    from kdcache.results import read_results
+
+    assert len(read_results(tmp_path / "results" / "smoke.parquet")) == 4
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(KDCacheError, match="GPU resource"):  # (nothing left to do would not ask)
+            run_sweep(SMOKE, workdir=tmp_path / "other", scheduler=cluster.scheduler_address, console=_console())
+
+
+def test_cli_sweep_dry_run(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdcache import cli
+
+    if not hasattr(cli, "sweep"):
+        pytest.skip("`kdcache sweep` is not in cli.py yet")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli.app, ["sweep", str(SMOKE), "--dry-run", "--only", "method=kd"])
+    assert r.exit_code == 0, r.output
+    assert "teacher fwd saved" in r.output and "deit_pico <- resnet10t, kd" in r.output
+    assert _created(tmp_path) == []

@@ -142,11 +142,22 @@ class Store:
 
     def create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
         """Create the teacher's arrays (or open them when an earlier run created the same)."""
+        from kdcache.results import locked
+
+        with locked(self.path / ".create-teacher"):  # one creator at a time; others then open it
+            name = f"teachers/{attrs.alias}"
+            if name in self.group:
+                group = self.group[name]
+                if "kdcache" in group.attrs:  # attrs are written last: present = fully created
+                    cache = TeacherCache(self, group)
+                    cache.check_matches(attrs)
+                    return cache
+                shutil.rmtree(self.path / name)  # a creation killed half-way: nothing was written yet
+                self.group = zarr.open_group(self.path, mode="a")
+            return self._create_teacher(attrs, n_views)
+
+    def _create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
         name = f"teachers/{attrs.alias}"
-        if name in self.group:
-            cache = TeacherCache(self, self.group[name])
-            cache.check_matches(attrs)
-            return cache
         n, bn = self.num_samples, min(self.attrs.block_n, self.num_samples)
         n_blocks = -(-n // bn)
         dtype = attrs.dtype
@@ -231,7 +242,19 @@ class TeacherCache:
         return j * bn, min((j + 1) * bn, self.store.num_samples)
 
     def done_mask(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+        """Completion marks; a mark that cannot be read counts as not done (the block is redone)."""
+        arr = self.group["done"]
+        try:
+            return arr[:].astype(bool)
+        except ValueError:
+            mask = np.zeros(arr.shape, dtype=bool)
+            for v in range(arr.shape[0]):
+                for j in range(arr.shape[1]):
+                    try:
+                        mask[v, j] = bool(arr[v, j])
+                    except ValueError:
+                        pass
+            return mask
 
     def write_block(self, v: int, j: int, logits: np.ndarray, embed: np.ndarray,
                     stages: dict[int, np.ndarray] | None = None) -> None:
@@ -260,6 +283,23 @@ class TeacherCache:
         self.group["done"][v, j] = 1
 
     # ---------------------------------------------------------------- reading
+    def check_integrity(self, names: tuple[str, ...] = ("logits", "embed")) -> None:
+        """Read every chunk of the small per-view arrays once, so a damaged chunk stops training
+        before the first step (stage maps are checked as they are streamed)."""
+        for name in names:
+            arr = self.group[name]
+            for v in range(arr.shape[0]):
+                for j in range(-(-arr.shape[1] // arr.chunks[1])):
+                    a, b = j * arr.chunks[1], min((j + 1) * arr.chunks[1], arr.shape[1])
+                    try:
+                        arr[v, a:b]
+                    except ValueError as exc:
+                        raise KDCacheError(
+                            f"damaged chunk {self.path / name}/c/{v}/{j}/0 (view {v}, samples {a}-{b}): {exc}",
+                            fix=f"delete that file and the mark {self.path}/done/c/{v}/{j}, then re-run the "
+                                "extract command to rewrite the block (kdcache verify lists all damage)",
+                        ) from exc
+
     def check_complete(self) -> None:
         done = self.done_mask()
         if not done.all():
@@ -302,12 +342,16 @@ class TeacherCache:
         return out
 
     def stage_batch(self, k: int, view_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Stage-k maps for a batch of (view, sample) pairs (one read per distinct view)."""
-        arr = self.group[f"stages/s{k}"]
+        """Stage-k maps for a batch of (view, sample) pairs."""
+        return self.read_pairs(f"stages/s{k}", view_ids, idx)
+
+    def read_pairs(self, name: str, view_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Rows (view_ids[b], idx[b]) of a [V, N, ...] array, one orthogonal read per distinct view."""
+        arr = self.group[name]
+        view_ids, idx = np.asarray(view_ids), np.asarray(idx)
         out = np.empty((len(idx),) + arr.shape[2:], dtype=np.float32)
         for v in np.unique(view_ids):
             sel = np.nonzero(view_ids == v)[0]
-            order = np.argsort(idx[sel])
-            got = self.read(f"stages/s{k}", (int(v), idx[sel][order]))  # orthogonal selection
-            out[sel[order]] = got
+            order = np.argsort(idx[sel], kind="stable")
+            out[sel[order]] = self.read(name, (int(v), idx[sel][order]))
         return out
