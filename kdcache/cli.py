@@ -243,7 +243,7 @@ def bench(
 @app.command()
 def demo(
     teacher: str = typer.Option("resnet18_32", "--teacher"),
-    student: str = typer.Option("resmlp_pico", "--student"),
+    student: str = typer.Option("mixer_pico", "--student"),
     subset: int = typer.Option(10000, help="training samples for the students"),
     epochs: int = typer.Option(4, help="student epochs (= cached views)"),
     teacher_epochs: int = 2,

@@ -2,7 +2,7 @@
 
 1. train a CNN teacher (resnet18_32) on the full training set;
 2. extract its targets for a stratified training subset (views: pad-crop + flip, one per epoch);
-3. train an MLP student of another family (resmlp_pico) with `ce` and with `kd` from the cache;
+3. train an MLP student of another family (mixer_pico) with `ce` and with `kd` from the cache;
 4. print teacher accuracy, student ce and student kd side by side.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 @dataclass
 class DemoConfig:
     teacher: str = "resnet18_32"
-    student: str = "resmlp_pico"
+    student: str = "mixer_pico"
     dataset: str = "fashion-mnist"
     teacher_epochs: int = 2
     subset: int = 10000

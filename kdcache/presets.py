@@ -27,9 +27,9 @@ PRESETS.add("ofa_cifar_vit", dict(epochs=300, batch_size=128, optimizer="adamw",
                                    drop_path=0.1, recipe="rrc"))
 # CPU-sized recipes for Fashion-MNIST at 32x32 (design.md: transformer/MLP students need AdamW).
 PRESETS.add("fashion_cnn", dict(epochs=4, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9,
-                                 weight_decay=5e-4, warmup_epochs=0.5, schedule="cosine", recipe="cifar"))
-PRESETS.add("fashion_vit", dict(epochs=6, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.05,
-                                 warmup_epochs=1, schedule="cosine", recipe="cifar"))
+                                 weight_decay=5e-4, warmup_epochs=0.3, schedule="cosine", recipe="padcrop"))
+PRESETS.add("fashion_vit", dict(epochs=4, batch_size=128, optimizer="adamw", lr=2e-3, weight_decay=0.05,
+                                 warmup_epochs=0.3, schedule="cosine", recipe="padcrop"))
 PRESETS.add("fashion_teacher", dict(epochs=8, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.05,
                                      warmup_epochs=1, schedule="cosine", recipe="cifar"))
 
