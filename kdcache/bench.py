@@ -38,8 +38,9 @@ class BenchConfig:
     dtype: str = "float16"
     workdir: str | None = None
     results: str = "results/bench.parquet"
-    teacher_epochs_for_weights: int = 0  # 0: random teacher weights (speed does not depend on them)
-    extra: dict = field(default_factory=dict)
+    teacher_checkpoint: str | None = None  # None: random weights (speed does not depend on them)
+    topk: int = 0  # also measure a top-k store: bytes per view and accuracy against dense logits
+    acc_epochs: int = 2  # epochs of the dense-vs-top-k accuracy comparison (needs a trained teacher)
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -90,18 +91,40 @@ def _measure_online(cfg, root):
     return _train_mode(cfg, root, cfg.method, True)
 
 
-def _measure_extract(cfg, root):
+def _measure_extract(cfg, root, topk: int = 0, cache: str = "cache"):
     from kdcache.extract import ExtractConfig, run_extract
     from kdcache.inspect import store_summary
 
     r = run_extract(ExtractConfig(teacher=cfg.teacher, dataset=cfg.dataset, checkpoint=str(root / "teacher.pt"),
-                                  recipe="padcrop", views=cfg.views, subset=cfg.subset, dtype=cfg.dtype,
-                                  store_root=str(root / "cache"), methods=(cfg.method,), batch_size=cfg.batch_size,
+                                  recipe="padcrop", views=cfg.views, subset=cfg.subset, dtype=cfg.dtype, topk=topk,
+                                  store_root=str(root / cache), methods=(cfg.method,), batch_size=cfg.batch_size,
                                   progress=False, device=cfg.device))
     s = store_summary(r.store)["teachers"][cfg.teacher]
     return {"images_per_s": r.images_per_s, "device": cfg.device if cfg.device != "auto" else _auto(),
-            "logits_bytes_per_view": s["arrays"]["logits"]["bytes_per_view"],
+            "logits_bytes_per_view": sum(s["arrays"][a]["bytes_per_view"] for a in s["arrays"] if a.startswith("logits")),
             "embed_bytes_per_view": s["arrays"]["embed"]["bytes_per_view"], "num_classes": None}
+
+
+def _measure_extract_topk(cfg, root):
+    return _measure_extract(cfg, root, topk=cfg.topk, cache="cache-topk")
+
+
+def _accuracy(cfg, root, cache: str) -> dict:
+    from kdcache.train import TrainConfig, run_train
+
+    r = run_train(TrainConfig(student=cfg.student, teacher=cfg.teacher, method="kd", dataset=cfg.dataset,
+                              subset=cfg.subset, epochs=cfg.acc_epochs, batch_size=cfg.batch_size,
+                              store_root=str(root / cache), out_dir=str(root / "runs"), results=None, progress=False,
+                              device=cfg.device, run_name=f"bench-acc-{cache}"))
+    return {"top1": r.top1, "device": r.device, "images_per_s": float("nan")}
+
+
+def _measure_acc_dense(cfg, root):
+    return _accuracy(cfg, root, "cache")
+
+
+def _measure_acc_topk(cfg, root):
+    return _accuracy(cfg, root, "cache-topk")
 
 
 def _measure_teacher(cfg, root):
@@ -144,7 +167,8 @@ def _auto() -> str:
 
 
 _MEASURES = {"extract": _measure_extract, "teacher": _measure_teacher, "ce": _measure_ce,
-             "cached": _measure_cached, "online": _measure_online}
+             "cached": _measure_cached, "online": _measure_online, "extract_topk": _measure_extract_topk,
+             "acc_dense": _measure_acc_dense, "acc_topk": _measure_acc_topk}
 
 
 def _run_child(kind: str, cfg: BenchConfig, root: Path) -> dict:
@@ -174,11 +198,18 @@ def run_bench(cfg: BenchConfig) -> dict:
     root = Path(cfg.workdir or tempfile.mkdtemp(prefix="kdcache-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(cfg.dataset, "train", subset=cfg.subset)
-    teacher = build_model(cfg.teacher, ds.num_classes)
-    torch.save({"model": teacher.state_dict(), "alias": cfg.teacher, "num_classes": ds.num_classes,
-                "mean": tuple(ds.mean), "std": tuple(ds.std), "input_size": teacher.spec.input_size}, root / "teacher.pt")
+    if cfg.teacher_checkpoint:
+        shutil.copy(cfg.teacher_checkpoint, root / "teacher.pt")
+    else:
+        teacher = build_model(cfg.teacher, ds.num_classes)
+        torch.save({"model": teacher.state_dict(), "alias": cfg.teacher, "num_classes": ds.num_classes,
+                    "mean": tuple(ds.mean), "std": tuple(ds.std), "input_size": teacher.spec.input_size},
+                   root / "teacher.pt")
+    kinds = ["extract", "teacher", "ce", "cached", "online"]
+    if cfg.topk:
+        kinds += ["extract_topk"] + (["acc_dense", "acc_topk"] if cfg.teacher_checkpoint else [])
     m = {}
-    for kind in ("extract", "teacher", "ce", "cached", "online"):
+    for kind in kinds:
         console.print(f"bench: measuring {kind} ...")
         m[kind] = _run_child(kind, cfg, root)
     ce, cached, online, teach = m["ce"]["step_s"], m["cached"]["step_s"], m["online"]["step_s"], m["teacher"]["step_s"]
@@ -197,7 +228,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                         f"{m['ce']['device']}")
     for col in ("mode", "step ms", "images/s", "peak MB"):
         table.add_column(col, justify="right")
-    for kind in ("ce", "cached", "online", "teacher", "extract"):
+    for kind in ("ce", "cached", "online", "teacher", "extract") + (("extract_topk",) if cfg.topk else ()):
         step = m[kind].get("step_s")
         table.add_row(kind, f"{step * 1e3:.1f}" if step else "-", f"{m[kind]['images_per_s']:.0f}",
                       f"{m[kind]['peak_mb']:.0f}")
@@ -211,12 +242,23 @@ def run_bench(cfg: BenchConfig) -> dict:
     targets.add_row("extract / teacher throughput", f"{ratios['extract_over_teacher']:.3f}", ">= 0.90")
     targets.add_row("logits bytes per view", f"{ratios['logits_bytes_per_view']:.1f}",
                     f"<= {2 * ds.num_classes * 1.1:.1f} (2 x {ds.num_classes} classes + 10%)")
+    if cfg.topk:
+        ratios["topk_bytes_per_view"] = m["extract_topk"]["logits_bytes_per_view"]
+        targets.add_row(f"top-{cfg.topk} logits bytes per view", f"{ratios['topk_bytes_per_view']:.1f}", "< 64")
+        if "acc_topk" in m:
+            ratios["dense_top1"], ratios["topk_top1"] = m["acc_dense"]["top1"], m["acc_topk"]["top1"]
+            ratios["topk_top1_loss"] = ratios["dense_top1"] - ratios["topk_top1"]
+            targets.add_row(f"kd top-1: dense {ratios['dense_top1']:.2f}% vs top-{cfg.topk} "
+                            f"{ratios['topk_top1']:.2f}% ({cfg.acc_epochs} epochs)",
+                            f"{ratios['topk_top1_loss']:+.2f} pts", "measured")
+        else:
+            console.print("top-k accuracy comparison skipped: it needs a trained teacher (--teacher-checkpoint)")
     console.print(targets)
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(), "cpu": platform.processor(),
            "device": m["ce"]["device"], "teacher": cfg.teacher, "student": cfg.student, "method": cfg.method,
            "batch_size": cfg.batch_size, "subset": cfg.subset, "commit": git_commit(),
            **{f"{k}_step_s": m[k].get("step_s", float("nan")) for k in m},
-           **{f"{k}_images_per_s": m[k]["images_per_s"] for k in m},
+           **{f"{k}_images_per_s": m[k].get("images_per_s", float("nan")) for k in m},
            **{f"{k}_peak_mb": m[k]["peak_mb"] for k in m}, **ratios, "config": json.dumps(asdict(cfg))}
     if cfg.results:
         append_rows(cfg.results, [row])

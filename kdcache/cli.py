@@ -68,6 +68,7 @@ def extract(
     stage_views: Optional[int] = typer.Option(None, help="views that get stage maps (default all)"),
     stage_grid: int = typer.Option(0, help="pool stage maps to GxG (0 = full resolution)"),
     dtype: str = typer.Option("float16", help="float16 or float32"),
+    topk: int = typer.Option(0, help="store only the top-k logits + log-sum-exp (0 = dense)"),
     seed: int = typer.Option(0, help="global view seed"),
     store_root: str = STORE_ROOT,
     batch_size: int = 256,
@@ -83,7 +84,7 @@ def extract(
 
     stage_list = tuple(int(s) for s in stages.replace(",", " ").split()) if stages else ()
     cfg = ExtractConfig(teacher=teacher, dataset=dataset, checkpoint=checkpoint, pretrained=pretrained,
-                        recipe=recipe, views=views, seed=seed, store_root=store_root, dtype=dtype,
+                        recipe=recipe, views=views, seed=seed, store_root=store_root, dtype=dtype, topk=topk,
                         methods=_split_methods(methods), stages=stage_list, stage_views=stage_views,
                         stage_grid=stage_grid, student_family=student_family, batch_size=batch_size,
                         block_n=block_n, blocks=blocks, device=device, subset=subset, data_root=data_root,
@@ -229,6 +230,10 @@ def bench(
     steps: int = typer.Option(30, help="timed training steps per mode"),
     views: int = typer.Option(2, help="views extracted"),
     dtype: str = "float16",
+    topk: int = typer.Option(0, help="also measure a top-k logits store (bytes, accuracy vs dense)"),
+    teacher_checkpoint: Optional[str] = typer.Option(None, help="trained teacher (default: random weights; "
+                                                     "needed for the top-k accuracy comparison)"),
+    acc_epochs: int = typer.Option(2, help="epochs of the dense vs top-k accuracy comparison"),
     device: str = DEVICE,
     results: str = typer.Option("results/bench.parquet", help="Parquet table the row is appended to"),
 ):
@@ -237,7 +242,7 @@ def bench(
 
     run_bench(BenchConfig(teacher=teacher, student=student, method=method, dataset=dataset, subset=subset,
                           batch_size=batch_size, steps=steps, views=views, dtype=dtype, device=device,
-                          results=results))
+                          results=results, topk=topk, teacher_checkpoint=teacher_checkpoint, acc_epochs=acc_epochs))
 
 
 @app.command()

@@ -39,6 +39,7 @@ class ExtractConfig:
     seed: int = 0
     store_root: str = "cache"
     dtype: str = "float16"
+    topk: int = 0  # 0: dense logits; k: top-k ids/values + log-sum-exp (large class counts)
     methods: tuple[str, ...] = ("kd",)  # what the store must serve; decides stages and tail
     stages: tuple[int, ...] = ()  # extra stage maps to store (1-based), beyond the methods' needs
     stage_views: int | None = None  # views with stage maps (default: all)
@@ -210,6 +211,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         mean=tuple(meta["mean"]), std=tuple(meta["std"]), interpolation="bilinear", dtype=cfg.dtype,
         num_classes=train.num_classes, embed_dim=info.embed_dim, stage_shapes=info.stage_shapes,
         stored_stages=stages, stage_views=stage_views, stage_grid=cfg.stage_grid, has_tail=needs.tail,
+        logits_topk=cfg.topk,
         teacher_acc=meta["acc"], versions=versions(), autocast=autocast_name(device))
     cache = store.create_teacher(tattrs, n_views)
     if needs.tail:

@@ -36,7 +36,7 @@ def store_summary(path: str | Path) -> dict:
         t = cache.attrs
         done = cache.done_mask()
         arrays = {}
-        for arr_name in ["logits", "embed"] + [f"stages/s{k}" for k in t.stored_stages]:
+        for arr_name in [*cache.logit_arrays, "embed"] + [f"stages/s{k}" for k in t.stored_stages]:
             arr = cache.group[arr_name]
             size = dir_bytes(cache.path / arr_name)
             n_views = arr.shape[0]

@@ -42,7 +42,7 @@ class VerifyReport:
 def scan_chunks(cache) -> tuple[int, list[str]]:
     """Read every chunk of every array of one teacher; return (count, damaged descriptions)."""
     damaged, count = [], 0
-    names = ["logits", "embed", "done"] + [f"stages/s{k}" for k in cache.attrs.stored_stages]
+    names = [*cache.logit_arrays, "embed", "done"] + [f"stages/s{k}" for k in cache.attrs.stored_stages]
     for name in names:
         arr = cache.group[name]
         grid = [range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)]

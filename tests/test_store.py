@@ -112,3 +112,47 @@ def test_damaged_chunk_is_named(tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(KDCacheError, match="(?s)damaged chunk.*logits"):
         cache.epoch_targets(np.ones(N, dtype=int))
+
+
+def test_topk_round_trip_keeps_top_probabilities_exactly(tmp_path):
+    from kdcache.store.store import topk_decode, topk_encode
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(64, 100)) * 3
+    ids, vals, lse = topk_encode(z, 10)
+    assert ids.shape == (64, 10) and (np.diff(vals, axis=1) <= 0).all()
+    np.testing.assert_array_equal(np.sort(ids, 1), np.sort(np.argsort(-z, 1)[:, :10], 1))
+    dense = topk_decode(ids, vals, lse, 100).astype(np.float64)
+    p_true = np.exp(z - z.max(1, keepdims=True)); p_true /= p_true.sum(1, keepdims=True)
+    p = np.exp(dense - dense.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    top = np.take_along_axis(p, ids.astype(int), 1)
+    np.testing.assert_allclose(top, np.take_along_axis(p_true, ids.astype(int), 1), rtol=1e-5)
+    rest = np.ones_like(p, dtype=bool); np.put_along_axis(rest, ids.astype(int), False, 1)
+    others = p[rest].reshape(64, 90)
+    np.testing.assert_allclose(others, others[:, :1].repeat(90, 1), rtol=1e-5)  # remainder spread evenly
+    np.testing.assert_allclose(others.sum(1), 1 - top.sum(1), rtol=1e-4)
+
+
+def test_topk_store_reads_dense_logits_and_is_small(tmp_path):
+    from kdcache.store.store import topk_decode, topk_encode
+
+    s = new_store(tmp_path)
+    cache = s.create_teacher(teacher_attrs(num_classes=C, logits_topk=3, dtype="float16", stored_stages=()), V)
+    assert cache.logit_arrays == ("logits_ids", "logits_vals", "logits_lse") and "logits" not in cache.group
+    rng = np.random.default_rng(1)
+    full = rng.normal(size=(V, N, C)).astype(np.float32)
+    for v in range(V):
+        for j in range(cache.group["done"].shape[1]):
+            a, b = cache.block_range(j)
+            cache.write_block(v, j, full[v, a:b], np.zeros((b - a, D)))
+    view_ids = rng.integers(0, V, N)
+    got = cache.epoch_targets(view_ids)["logits"]
+    rows = full[view_ids, np.arange(N)]
+    ids, vals, lse = topk_encode(rows, 3)
+    want = topk_decode(ids, vals.astype(np.float16), lse, C)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(1), rows.argmax(1))
+    pairs = cache.read_pairs("logits", view_ids[:7], np.arange(7))
+    np.testing.assert_allclose(pairs, got[:7], rtol=1e-6)
+    with pytest.raises(KDCacheError, match="--topk 10"):
+        new_store(tmp_path / "b").create_teacher(teacher_attrs(alias="u", logits_topk=10, stored_stages=()), V)

@@ -5,7 +5,8 @@ Layout (one Zarr v3 group per dataset split):
         samples/label[N], samples/key_hash[N]
         views/seed[V, N], views/params[V, N, P]
         teachers/<alias>/                      attrs["kdcache"] = TeacherAttrs
-            logits[V, N, C], embed[V, N, D]
+            logits[V, N, C], embed[V, N, D]     (or, in top-k mode, logits_ids/logits_vals[V, N, k]
+                                                 and logits_lse[V, N] instead of logits)
             stages/s<k>[Vf, N, C_k, H_k, W_k]
             done[V, n_blocks]                  1 once every array of block (v, j) is written
             tail.safetensors                   frozen last stage + norm + head (FBT)
@@ -64,6 +65,7 @@ class TeacherAttrs:
     stage_views: int = 0  # Vf: how many views have stage maps
     stage_grid: int = 0  # 0: full resolution; g: adaptive-average-pooled to g x g
     has_tail: bool = False
+    logits_topk: int = 0  # 0: dense logits[V, N, C]; k: top-k ids/values + log-sum-exp per view
     teacher_acc: float | None = None  # top-1 on the test split, eval recipe
     versions: dict[str, str] = field(default_factory=dict)
     autocast: str = "none"

@@ -162,8 +162,20 @@ class Store:
         n_blocks = -(-n // bn)
         dtype = attrs.dtype
         g = self.group.require_group(name)
-        g.create_array("logits", shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
-                       dtype=dtype, compressors=CHECKSUM, fill_value=0)
+        k = attrs.logits_topk
+        if k:
+            if not 0 < k < attrs.num_classes:
+                raise KDCacheError(f"--topk {k} must be between 1 and the number of classes - 1 ({attrs.num_classes - 1})")
+            ids_dtype = "int16" if attrs.num_classes <= 32767 else "int32"
+            g.create_array("logits_ids", shape=(n_views, n, k), chunks=(1, bn, k), dtype=ids_dtype,
+                           compressors=CHECKSUM, fill_value=0)
+            g.create_array("logits_vals", shape=(n_views, n, k), chunks=(1, bn, k), dtype=dtype,
+                           compressors=CHECKSUM, fill_value=0)
+            g.create_array("logits_lse", shape=(n_views, n), chunks=(1, bn), dtype="float32",
+                           compressors=CHECKSUM, fill_value=0)
+        else:
+            g.create_array("logits", shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
+                           dtype=dtype, compressors=CHECKSUM, fill_value=0)
         g.create_array("embed", shape=(n_views, n, attrs.embed_dim), chunks=(1, bn, attrs.embed_dim),
                        dtype=dtype, compressors=CHECKSUM, fill_value=0)
         for k in attrs.stored_stages:
@@ -211,7 +223,12 @@ class TeacherCache:
 
     @property
     def num_views(self) -> int:
-        return self.group["logits"].shape[0]
+        return self.group["embed"].shape[0]
+
+    @property
+    def logit_arrays(self) -> tuple[str, ...]:
+        """The arrays that hold the logits: one dense array, or the three top-k arrays."""
+        return ("logits_ids", "logits_vals", "logits_lse") if self.attrs.logits_topk else ("logits",)
 
     @property
     def block_n(self) -> int:
@@ -261,9 +278,16 @@ class TeacherCache:
         """Write one block's arrays, then its completion mark (never before)."""
         a, b = self.block_range(j)
         dtype = np.dtype(self.attrs.dtype)
-        for name, value in (("logits", logits), ("embed", embed)):
+        arrays = {"embed": embed}
+        if self.attrs.logits_topk:
+            ids, vals, lse = topk_encode(logits, self.attrs.logits_topk)
+            arrays.update(logits_vals=vals, logits_lse=lse)
+            self.group["logits_ids"][v, a:b] = ids
+        else:
+            arrays["logits"] = logits
+        for name, value in arrays.items():
             with np.errstate(over="ignore", invalid="ignore"):
-                cast = value.astype(dtype)
+                cast = value.astype(self.group[name].dtype)  # lse stays fp32 in an fp16 store
             if not np.isfinite(cast).all():
                 raise KDCacheError(
                     f"teacher {self.attrs.alias} produced non-finite {name} in view {v}, samples {a}-{b} "
@@ -286,13 +310,14 @@ class TeacherCache:
     def check_integrity(self, names: tuple[str, ...] = ("logits", "embed")) -> None:
         """Read every chunk of the small per-view arrays once, so a damaged chunk stops training
         before the first step (stage maps are checked as they are streamed)."""
+        names = tuple(a for n in names for a in (self.logit_arrays if n == "logits" else (n,)))
         for name in names:
             arr = self.group[name]
             for v in range(arr.shape[0]):
                 for j in range(-(-arr.shape[1] // arr.chunks[1])):
                     a, b = j * arr.chunks[1], min((j + 1) * arr.chunks[1], arr.shape[1])
                     try:
-                        arr[v, a:b]
+                        arr[v, a:b]  # noqa: B018 - the read checks the crc32c
                     except ValueError as exc:
                         raise KDCacheError(
                             f"damaged chunk {self.path / name}/c/{v}/{j}/0 (view {v}, samples {a}-{b}): {exc}",
@@ -333,11 +358,11 @@ class TeacherCache:
         n = self.store.num_samples
         out = {}
         for name in names:
-            arr = self.group[name]
-            buf = np.empty((n,) + arr.shape[2:], dtype=np.float32)
+            width = (self.attrs.num_classes,) if name == "logits" else self.group[name].shape[2:]
+            buf = np.empty((n,) + tuple(width), dtype=np.float32)
             for v in np.unique(view_ids):
                 rows = np.nonzero(view_ids == v)[0]
-                buf[rows] = self.read(name, (int(v),))[rows]
+                buf[rows] = self._view_row(name, int(v))[rows]
             out[name] = buf
         return out
 
@@ -345,13 +370,45 @@ class TeacherCache:
         """Stage-k maps for a batch of (view, sample) pairs."""
         return self.read_pairs(f"stages/s{k}", view_ids, idx)
 
+    def _view_row(self, name: str, v: int, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Samples `rows` (sorted) of view v, as float32; top-k logits are expanded to dense."""
+        if name == "logits" and self.attrs.logits_topk:
+            parts = [self.read(a, (v, rows)) for a in self.logit_arrays]
+            return topk_decode(*parts, self.attrs.num_classes)
+        return self.read(name, (v, rows)).astype(np.float32)
+
     def read_pairs(self, name: str, view_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Rows (view_ids[b], idx[b]) of a [V, N, ...] array, one orthogonal read per distinct view."""
-        arr = self.group[name]
         view_ids, idx = np.asarray(view_ids), np.asarray(idx)
-        out = np.empty((len(idx),) + arr.shape[2:], dtype=np.float32)
+        width = (self.attrs.num_classes,) if name == "logits" else self.group[name].shape[2:]
+        out = np.empty((len(idx),) + tuple(width), dtype=np.float32)
         for v in np.unique(view_ids):
             sel = np.nonzero(view_ids == v)[0]
             order = np.argsort(idx[sel], kind="stable")
-            out[sel[order]] = self.read(name, (int(v), idx[sel][order]))
+            out[sel[order]] = self._view_row(name, int(v), idx[sel][order])
         return out
+
+
+def topk_encode(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, values, log-sum-exp) of each row's k largest logits: 4k + 4 bytes per view in fp16."""
+    z = np.asarray(logits, dtype=np.float64)
+    ids = np.argpartition(-z, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(z, ids, axis=1)
+    order = np.argsort(-vals, axis=1)
+    ids, vals = np.take_along_axis(ids, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    m = z.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    return ids.astype(np.int32), vals.astype(np.float32), lse.astype(np.float32)
+
+
+def topk_decode(ids: np.ndarray, vals: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dense logits whose softmax gives the teacher's exact top-k probabilities and spreads the
+    remaining mass evenly over the other classes (exact at T=1; an approximation at other T)."""
+    vals = vals.astype(np.float64)
+    lse = lse.astype(np.float64)[:, None]
+    k = ids.shape[1]
+    rest = np.clip(1.0 - np.exp(vals - lse).sum(axis=1, keepdims=True), 1e-12, None)
+    fill = np.log(rest / (num_classes - k)) + lse
+    out = np.repeat(fill, num_classes, axis=1)
+    np.put_along_axis(out, ids.astype(np.int64), vals, axis=1)
+    return out.astype(np.float32)
