@@ -71,17 +71,18 @@ class TeacherAttrs:
     autocast: str = "none"
 
 
+def jsonable(v: Any) -> Any:
+    """The value as JSON stores it (tuples become lists), so stored and asked-for values compare."""
+    if isinstance(v, (tuple, list)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    return v
+
+
 def to_attrs(record: Any) -> dict[str, Any]:
-    """Dataclass -> JSON-safe dict (tuples become lists)."""
-
-    def norm(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return [norm(x) for x in v]
-        if isinstance(v, dict):
-            return {k: norm(x) for k, x in v.items()}
-        return v
-
-    return norm(dataclasses.asdict(record))
+    """Dataclass -> JSON-safe dict."""
+    return jsonable(dataclasses.asdict(record))
 
 
 def from_attrs(cls: type, data: dict[str, Any]) -> Any:

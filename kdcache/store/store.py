@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import KDCacheError
-from kdcache.store.schema import StoreAttrs, TeacherAttrs, from_attrs, to_attrs
+from kdcache.store.schema import StoreAttrs, TeacherAttrs, from_attrs, jsonable, to_attrs
 
 CHECKSUM = [Crc32cCodec()]
 COMPRESSED = [ZstdCodec(level=1), Crc32cCodec()]
@@ -94,7 +94,7 @@ class Store:
         have = self.attrs
         for field in ("fingerprint", "recipe", "recipe_version", "recipe_knobs", "global_seed", "num_views"):
             a, b = getattr(have, field), getattr(want, field)
-            if to_attrs_value(a) != to_attrs_value(b):
+            if jsonable(a) != jsonable(b):
                 raise KDCacheError(
                     f"store {self.path} was made with {field}={a!r}, but this command asks for {b!r}",
                     expected="the same dataset (name, split, size, labels), recipe, views and seed as the store",
@@ -102,7 +102,7 @@ class Store:
                 )
 
     def check_dataset(self, fingerprint: dict[str, Any]) -> None:
-        if to_attrs_value(self.attrs.fingerprint) != to_attrs_value(fingerprint):
+        if jsonable(self.attrs.fingerprint) != jsonable(fingerprint):
             raise KDCacheError(
                 f"store {self.path} was made from dataset {self.attrs.fingerprint}, "
                 f"but this command uses {fingerprint}",
@@ -194,14 +194,6 @@ class Store:
         return TeacherCache(self, g)
 
 
-def to_attrs_value(v: Any) -> Any:
-    if isinstance(v, (tuple, list)):
-        return [to_attrs_value(x) for x in v]
-    if isinstance(v, dict):
-        return {k: to_attrs_value(x) for k, x in v.items()}
-    return v
-
-
 def stored_stage_shape(attrs: TeacherAttrs, k: int) -> tuple[int, int, int]:
     c, h, w = attrs.stage_shapes[k - 1]
     if attrs.stage_grid and attrs.stage_grid < h:
@@ -239,7 +231,7 @@ class TeacherCache:
         for field in ("timm_name", "checkpoint_sha256", "input_size", "dtype", "num_classes", "stored_stages",
                       "stage_views", "stage_grid"):
             a, b = getattr(have, field), getattr(want, field)
-            if to_attrs_value(a) != to_attrs_value(b):
+            if jsonable(a) != jsonable(b):
                 raise KDCacheError(
                     f"teacher {have.alias} in {self.store.path} was extracted with {field}={a!r}, "
                     f"this command asks for {b!r}",
