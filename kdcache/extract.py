@@ -21,7 +21,7 @@ from kdcache.data import get_recipe, key_hashes, load_dataset, view_table
 from kdcache.data.loader import RenderSpec, iter_views
 from kdcache.devices import autocast, autocast_name, resolve_device
 from kdcache.errors import KDCacheError
-from kdcache.methods import METHODS, Needs, build_options
+from kdcache.methods import Needs, resolve_method
 from kdcache.models import MODELS, TapModel, build_model, describe
 from kdcache.models.registry import file_sha256
 from kdcache.store import Store, StoreAttrs, TeacherAttrs, store_path, versions
@@ -111,8 +111,8 @@ def load_teacher(cfg_teacher: str, dataset: str, num_classes: int, checkpoint: s
 def method_needs(methods: tuple[str, ...], teacher_family: str, student_family: str) -> Needs:
     needs = Needs(logits=True, embed=True)
     for name in methods:
-        cls = METHODS.get(name)
-        needs = needs.union(cls.needs(build_options(cls), teacher_family, student_family))
+        cls, opts = resolve_method(name)
+        needs = needs.union(cls.needs(opts, teacher_family, student_family))
     return needs
 
 

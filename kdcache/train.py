@@ -28,7 +28,7 @@ from kdcache.data.loader import RenderSpec, iter_views
 from kdcache.devices import autocast, resolve_device
 from kdcache.errors import KDCacheError
 from kdcache.extract import _sizes, evaluate_model, load_teacher, teacher_forward
-from kdcache.methods import METHODS, Needs, TeacherInfo, TeacherTargets, build_options, options_dict
+from kdcache.methods import Needs, TeacherInfo, TeacherTargets, options_dict, resolve_method
 from kdcache.models import MODELS, build_model, describe
 from kdcache.results import RunResult, append_result, git_commit
 from kdcache.store import Store, store_path
@@ -123,8 +123,7 @@ class Plan:
 
 def plan_run(cfg: TrainConfig, train) -> Plan:
     sspec = MODELS.get(cfg.student)
-    method_cls = METHODS.get(cfg.method)
-    opts = build_options(method_cls, cfg.opts)
+    method_cls, opts = resolve_method(cfg.method, cfg.opts)
     if cfg.teacher:
         tspec = MODELS.get(cfg.teacher)
     needs = method_cls.needs(opts, tspec.family if cfg.teacher else None, sspec.family)

@@ -150,3 +150,18 @@ def test_gradients_reach_student_not_teacher():
     sum(out.values()).backward()
     assert zs.grad is not None and zs.grad.abs().sum() > 0 and torch.isfinite(zs.grad).all()
     assert zt.grad is None
+
+
+def test_method_presets_from_the_command_line_syntax():
+    """`--method dkd:mdistiller` applies the preset; --opt overrides it, even back to a default."""
+    from kdcache.errors import KDCacheError
+    from kdcache.methods import resolve_method
+
+    cls, opts = resolve_method("dkd:mdistiller")
+    assert cls.name == "dkd" and (opts.beta, opts.T, opts.warmup_epochs) == (8.0, 4.0, 20.0)
+    _, opts = resolve_method("dkd:mdistiller", ["T=1"])
+    assert (opts.beta, opts.T) == (8.0, 1.0)
+    _, opts = resolve_method("dkd", ["beta=3"])
+    assert (opts.beta, opts.T) == (3.0, 1.0)
+    with pytest.raises(KDCacheError, match="no preset 'paper'"):
+        resolve_method("dkd:paper")

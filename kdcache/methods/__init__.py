@@ -15,6 +15,7 @@ from kdcache.methods.base import (
     build_options,
     options_dict,
     register_method,
+    resolve_method,
 )
 
 _SKIP = {"base", "functional", "projectors"}
@@ -23,4 +24,4 @@ for _mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["METHODS", "Method", "Needs", "TeacherInfo", "TeacherTargets", "build_options",
-           "options_dict", "register_method"]
+           "options_dict", "register_method", "resolve_method"]

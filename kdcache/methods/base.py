@@ -78,6 +78,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = dataclass(type("NoOptions", (), {}))
     NEEDS: ClassVar[Needs] = Needs()
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets, `--method NAME:PRESET`
 
     def __init__(self, opts: Any, student: ModelInfo, teacher: TeacherInfo | None,
                  tail: nn.Module | None = None):
@@ -131,9 +132,10 @@ def _coerce(value: str, target: Any, key: str, method: str) -> Any:
     return value
 
 
-def build_options(method: type[Method], overrides: dict[str, Any] | list[str] | None = None) -> Any:
-    """The method's Options with overrides (`["T=4", "eps=1.5"]` or a dict) applied and checked."""
-    opts = method.Options()
+def build_options(method: type[Method], overrides: dict[str, Any] | list[str] | None = None,
+                  base: Any = None) -> Any:
+    """The method's Options (or `base`) with overrides (`["T=4", "eps=1.5"]` or a dict) applied and checked."""
+    opts = base if base is not None else method.Options()
     if not overrides:
         return opts
     if isinstance(overrides, list):
@@ -156,6 +158,21 @@ def build_options(method: type[Method], overrides: dict[str, Any] | list[str] | 
         default = getattr(opts, key)
         changes[key] = _coerce(value, default, key, method.name) if isinstance(value, str) else value
     return dataclasses.replace(opts, **changes)
+
+
+def resolve_method(spec: str, overrides: list[str] | dict[str, Any] | None = None) -> tuple[type[Method], Any]:
+    """`kd` or `kd:mdistiller` (a named preset of the method) plus KEY=VALUE overrides, applied
+    in that order -> (method class, options)."""
+    name, _, preset = spec.partition(":")
+    cls = METHODS.get(name)
+    base: dict[str, Any] = {}
+    if preset:
+        if preset not in cls.PRESETS:
+            raise KDCacheError(f"method {name} has no preset {preset!r}",
+                               expected=f"one of: {', '.join(cls.PRESETS) or '(none)'}",
+                               fix=f"--method {name}:PRESET, or --method {name} with --opt KEY=VALUE")
+        base = dict(cls.PRESETS[preset])
+    return cls, build_options(cls, overrides, base=build_options(cls, base))
 
 
 def options_dict(opts: Any) -> dict[str, Any]:
