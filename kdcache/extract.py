@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.data import get_recipe, key_hashes, load_dataset, view_table
-from kdcache.data.loader import RenderSpec, iter_views
+from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast, autocast_name, resolve_device
 from kdcache.errors import KDCacheError
 from kdcache.methods import Needs, resolve_method
@@ -200,6 +200,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         model.to(memory_format=torch.channels_last)
     info = describe(model, meta["input_size"])
     store = open_view_store(train, cfg.recipe, cfg.views, cfg.seed, cfg.store_root, cfg.block_n)
+    train = to_device_resident(train, device)
     n_views = store.attrs.num_views
     stages = tuple(sorted(set(needs.stages) | set(cfg.stages)))
     stage_views = (cfg.stage_views if cfg.stage_views is not None else n_views) if stages else 0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kdcache.data import epoch_views, get_recipe, key_hashes, load_dataset, view_table
-from kdcache.data.loader import RenderSpec, iter_views
+from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast, resolve_device
 from kdcache.errors import KDCacheError
 from kdcache.extract import _sizes, evaluate_model, load_teacher, teacher_forward
@@ -69,6 +69,7 @@ class TrainConfig:
     resume: bool = False
     max_steps: int | None = None  # stop early (tests, benchmarks)
     eval_every: int = 1  # 0: never evaluate (benchmarks)
+    stage_ram_mb: int = 2048  # cached stage maps up to this size per epoch are held in RAM, else streamed
     device: str = "auto"
     data_root: str | None = None
     download: bool = False
@@ -185,8 +186,21 @@ def _teacher_targets(plan: Plan, epoch_targets: dict, view_ids: np.ndarray, idx:
     if "embed" in epoch_targets:
         t.embed = torch.from_numpy(epoch_targets["embed"][idx]).to(device, non_blocking=True)
     for k in plan.needs.stages:
-        t.stages[k] = torch.from_numpy(plan.cache.stage_batch(k, view_ids[idx], idx)).to(device)
+        held = epoch_targets.get(f"stages/s{k}")
+        maps = held[idx] if held is not None else plan.cache.stage_batch(k, view_ids[idx], idx)
+        t.stages[k] = torch.from_numpy(maps).to(device, non_blocking=True)
     return t
+
+
+def epoch_target_names(plan: Plan, ram_budget_bytes: int) -> tuple[str, ...]:
+    """What to read whole at the start of each epoch: logits and embeddings always (small), and
+    stage maps too while one epoch's worth fits the budget; larger maps are streamed per batch."""
+    names = [n for n, want in (("logits", plan.needs.logits), ("embed", plan.needs.embed)) if want]
+    for k in plan.needs.stages:
+        arr = plan.cache.group[f"stages/s{k}"]
+        if arr.shape[1] * int(np.prod(arr.shape[2:])) * 4 <= ram_budget_bytes:
+            names.append(f"stages/s{k}")
+    return tuple(names)
 
 
 def run_train(cfg: TrainConfig) -> RunResult:
@@ -197,6 +211,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
     test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download)
     plan = plan_run(cfg, train)
+    train, test = to_device_resident(train, device), to_device_resident(test, device)
     torch.manual_seed(cfg.seed)
 
     # 2. models: student, method modules, and (online only) the live teacher ---------------------
@@ -220,7 +235,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
                                   False, "checkpoints", a.mean, a.std)
         teacher.to(device).eval()
         specs.append(RenderSpec(a.input_size, tuple(a.mean), tuple(a.std)))
-    names = tuple(n for n, want in (("logits", plan.needs.logits), ("embed", plan.needs.embed)) if want)
+    names = epoch_target_names(plan, cfg.stage_ram_mb << 20) if plan.cache is not None else ()
 
     # 3. optimiser, run directory, resume --------------------------------------------------------
     params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]

@@ -156,3 +156,14 @@ def test_topk_store_reads_dense_logits_and_is_small(tmp_path):
     np.testing.assert_allclose(pairs, got[:7], rtol=1e-6)
     with pytest.raises(KDCacheError, match="--topk 10"):
         new_store(tmp_path / "b").create_teacher(teacher_attrs(alias="u", logits_topk=10, stored_stages=()), V)
+
+
+def test_epoch_read_of_stage_maps_equals_per_batch_reads(tmp_path):
+    """Holding an epoch's stage maps in RAM gives exactly the per-batch streamed values."""
+    s = new_store(tmp_path)
+    cache = s.create_teacher(teacher_attrs(stage_views=V), V)
+    fill(cache)
+    view_ids = np.random.default_rng(3).integers(0, V, N)
+    held = cache.epoch_targets(view_ids, ("stages/s3",))["stages/s3"]
+    batch = np.array([5, 44, 0, 17, 31])
+    np.testing.assert_array_equal(held[batch], cache.stage_batch(3, view_ids[batch], batch))

@@ -39,6 +39,14 @@ class _PerSampleViews(torch.utils.data.Dataset):
         return tuple(render(image, p, s.size, s.mean, s.std) for s in self.specs)
 
 
+def to_device_resident(dataset: ImageDataset, device: torch.device) -> ImageDataset:
+    """On a GPU, move an in-memory dataset's uint8 images there once, so every batch is gathered
+    and rendered on the device and the CPU never becomes the bottleneck (CIFAR-100 train: 150 MB)."""
+    if device.type == "cuda" and dataset.images is not None and dataset.images.device != device:
+        dataset.images = dataset.images.to(device)
+    return dataset
+
+
 def iter_views(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, specs: list[RenderSpec],
                batch_size: int, device: torch.device, workers: int = 0
                ) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
@@ -49,7 +57,7 @@ def iter_views(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, s
         images = dataset.images
         for a in range(0, len(indices), batch_size):
             idx = indices[a:a + batch_size]
-            raw = images[torch.as_tensor(idx)].to(device, non_blocking=True)
+            raw = images[torch.as_tensor(idx, device=images.device)].to(device, non_blocking=True)
             p = torch.as_tensor(params[a:a + batch_size], device=device)
             yield [render_batch(raw, p, s.size, s.mean, s.std) for s in specs], idx
         return
