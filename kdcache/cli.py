@@ -309,6 +309,12 @@ def main() -> None:
     except KDCacheError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         sys.exit(2)
+    except OSError as exc:  # read-only folder, disk full, permissions: the system's words, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        typer.secho(f"error: {exc.strerror or exc}{where}", fg="red", err=True)
+        typer.secho("  fix: check that the folder is writable and the disk has space (--store-root, --out-dir, "
+                    "--results choose where files go); re-running resumes where it stopped", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted; re-run the same command to resume", err=True)
         sys.exit(130)

@@ -55,6 +55,7 @@ def scan_chunks(cache) -> tuple[int, list[str]]:
                 chunk = "/".join(map(str, coords))
                 where = f"view {coords[0]}, samples {sel[1].start}-{sel[1].stop}" if len(coords) > 1 else ""
                 damaged.append(f"{cache.path / name}/c/{chunk} ({where}): {type(exc).__name__}: {exc}")
+    damaged += [f"{m}: missing" for m in cache.missing_chunks(tuple(n for n in names if n != "done"))]
     return count, damaged
 
 

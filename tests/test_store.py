@@ -167,3 +167,15 @@ def test_epoch_read_of_stage_maps_equals_per_batch_reads(tmp_path):
     held = cache.epoch_targets(view_ids, ("stages/s3",))["stages/s3"]
     batch = np.array([5, 44, 0, 17, 31])
     np.testing.assert_array_equal(held[batch], cache.stage_batch(3, view_ids[batch], batch))
+
+
+def test_missing_chunk_of_a_done_block_is_refused(tmp_path):
+    """zarr reads an absent chunk as fill values: a truncated store must not train on zeros."""
+    s = new_store(tmp_path)
+    cache = s.create_teacher(teacher_attrs(), V)
+    fill(cache)
+    (cache.path / "embed" / "c" / "2" / "1" / "0").unlink()
+    assert cache.missing_chunks(("logits", "embed")) == [
+        f"{cache.path / 'embed'}/c/2/1/0 (view 2, samples 16-32)"]
+    with pytest.raises(KDCacheError, match="(?s)1 chunk file.*missing.*embed/c/2/1/0"):
+        cache.check_integrity()

@@ -24,6 +24,9 @@ from kdcache.store.schema import StoreAttrs, TeacherAttrs, from_attrs, jsonable,
 CHECKSUM = [Crc32cCodec()]
 COMPRESSED = [ZstdCodec(level=1), Crc32cCodec()]
 STAGE_CHUNK_BYTES = 8 << 20
+# Fill value of target arrays: zarr stores no chunk equal to the fill value and reads an absent chunk
+# as it, so the fill must be something a real block can never be (outputs are refused unless finite).
+MISSING = float("nan")
 
 
 def _fix_extract(dataset: str, teacher: str = "TEACHER") -> str:
@@ -168,16 +171,16 @@ class Store:
                 raise KDCacheError(f"--topk {k} must be between 1 and the number of classes - 1 ({attrs.num_classes - 1})")
             ids_dtype = "int16" if attrs.num_classes <= 32767 else "int32"
             g.create_array("logits_ids", shape=(n_views, n, k), chunks=(1, bn, k), dtype=ids_dtype,
-                           compressors=CHECKSUM, fill_value=0)
+                           compressors=CHECKSUM, fill_value=-1)
             g.create_array("logits_vals", shape=(n_views, n, k), chunks=(1, bn, k), dtype=dtype,
                            compressors=CHECKSUM, fill_value=0)
             g.create_array("logits_lse", shape=(n_views, n), chunks=(1, bn), dtype="float32",
-                           compressors=CHECKSUM, fill_value=0)
+                           compressors=CHECKSUM, fill_value=MISSING)
         else:
             g.create_array("logits", shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
-                           dtype=dtype, compressors=CHECKSUM, fill_value=0)
+                           dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
         g.create_array("embed", shape=(n_views, n, attrs.embed_dim), chunks=(1, bn, attrs.embed_dim),
-                       dtype=dtype, compressors=CHECKSUM, fill_value=0)
+                       dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
         for k in attrs.stored_stages:
             c, h, w = stored_stage_shape(attrs, k)
             per_sample = c * h * w * np.dtype(dtype).itemsize
@@ -187,7 +190,7 @@ class Store:
             while bn % cn:  # a block must cover whole chunks
                 cn -= 1
             g.create_array(f"stages/s{k}", shape=(attrs.stage_views, n, c, h, w), chunks=(1, cn, c, h, w),
-                           dtype=dtype, compressors=COMPRESSED, fill_value=0)
+                           dtype=dtype, compressors=COMPRESSED, fill_value=MISSING)
         g.create_array("done", shape=(n_views, n_blocks), chunks=(1, 1), dtype="uint8", fill_value=0,
                        compressors=CHECKSUM)
         g.attrs["kdcache"] = to_attrs(attrs)
@@ -303,6 +306,12 @@ class TeacherCache:
         """Read every chunk of the small per-view arrays once, so a damaged chunk stops training
         before the first step (stage maps are checked as they are streamed)."""
         names = tuple(a for n in names for a in (self.logit_arrays if n == "logits" else (n,)))
+        missing = self.missing_chunks(names)
+        if missing:
+            raise KDCacheError(
+                f"{len(missing)} chunk file(s) of blocks marked done are missing from {self.path} "
+                f"(first: {missing[0]}); zarr would read them as zeros",
+                fix="delete the done marks of those blocks (done/c/<view>/<block>) and re-run the extract command")
         for name in names:
             arr = self.group[name]
             for v in range(arr.shape[0]):
@@ -316,6 +325,23 @@ class TeacherCache:
                             fix=f"delete that file and the mark {self.path}/done/c/{v}/{j}, then re-run the "
                                 "extract command to rewrite the block (kdcache verify lists all damage)",
                         ) from exc
+
+    def missing_chunks(self, names: tuple[str, ...]) -> list[str]:
+        """Chunk files absent although their block is marked done (a truncated or damaged copy)."""
+        done = self.done_mask()
+        out = []
+        for name in names:
+            arr = self.group[name]
+            for v, j in zip(*np.nonzero(done)):
+                if v >= arr.shape[0]:
+                    continue
+                a, b = self.block_range(int(j))
+                for c in range(a // arr.chunks[1], -(-b // arr.chunks[1])):
+                    rest = ["0"] * (arr.ndim - 2)
+                    key = "/".join(["c", str(v), str(c), *rest])
+                    if not (self.path / name / key).is_file():
+                        out.append(f"{self.path / name}/{key} (view {v}, samples {a}-{b})")
+        return out
 
     def check_complete(self) -> None:
         done = self.done_mask()
