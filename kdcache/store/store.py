@@ -173,7 +173,7 @@ class Store:
             g.create_array("logits_ids", shape=(n_views, n, k), chunks=(1, bn, k), dtype=ids_dtype,
                            compressors=CHECKSUM, fill_value=-1)
             g.create_array("logits_vals", shape=(n_views, n, k), chunks=(1, bn, k), dtype=dtype,
-                           compressors=CHECKSUM, fill_value=0)
+                           compressors=CHECKSUM, fill_value=MISSING)
             g.create_array("logits_lse", shape=(n_views, n), chunks=(1, bn), dtype="float32",
                            compressors=CHECKSUM, fill_value=MISSING)
         else:
