@@ -174,10 +174,12 @@ def open_view_store(dataset, recipe_name: str, num_views: int | None, seed: int,
     v = num_views or recipe.default_views
     heights, widths = _sizes(dataset)
     seeds, params = view_table(recipe, seed, dataset.keys, heights, widths, v)
+    n = len(dataset)
+    even_block = -(-n // -(-n // block_n))  # equal blocks: zarr pads a short last chunk to full size
     attrs = StoreAttrs(
         fingerprint=dataset.fingerprint.as_dict(), recipe=recipe.name, recipe_version=recipe.version,
         recipe_knobs=recipe.knobs(), global_seed=seed, num_views=v, param_names=tuple(PARAM_NAMES),
-        block_n=block_n)
+        block_n=even_block)
     path = store_path(store_root, dataset.name if dataset.split == "train" else dataset.name, dataset.split)
     return Store.create_or_open(path, attrs, dataset.labels, key_hashes(dataset.keys), seeds, params)
 
