@@ -32,6 +32,7 @@ from kdcache.methods import Needs, TeacherInfo, TeacherTargets, options_dict, re
 from kdcache.models import MODELS, build_model, describe
 from kdcache.results import RunResult, append_result, git_commit
 from kdcache.store import Store, store_path
+from kdcache.store.stream import WindowedStageReader, quasi_random_order
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests, benchmarks)
     eval_every: int = 1  # 0: never evaluate (benchmarks)
     stage_ram_mb: int = 2048  # cached stage maps up to this size per epoch are held in RAM, else streamed
+    window_chunks: int = 4  # streamed stage maps: chunks shuffled together (quasi-random order)
     device: str = "auto"
     data_root: str | None = None
     download: bool = False
@@ -178,16 +180,17 @@ def _check_needs(cfg: TrainConfig, cache, needs: Needs, store: Store) -> None:
         raise KDCacheError(f"method {cfg.method} needs " + "; ".join(missing) + f" in {store.path}", fix=fix)
 
 
-def _teacher_targets(plan: Plan, epoch_targets: dict, view_ids: np.ndarray, idx: np.ndarray,
+def _teacher_targets(plan: Plan, epoch_targets: dict, stream, idx: np.ndarray,
                      device: torch.device) -> TeacherTargets:
     t = TeacherTargets()
     if "logits" in epoch_targets:
         t.logits = torch.from_numpy(epoch_targets["logits"][idx]).to(device, non_blocking=True)
     if "embed" in epoch_targets:
         t.embed = torch.from_numpy(epoch_targets["embed"][idx]).to(device, non_blocking=True)
+    streamed = stream.batch(idx) if stream is not None else {}
     for k in plan.needs.stages:
         held = epoch_targets.get(f"stages/s{k}")
-        maps = held[idx] if held is not None else plan.cache.stage_batch(k, view_ids[idx], idx)
+        maps = held[idx] if held is not None else streamed[k]
         t.stages[k] = torch.from_numpy(maps).to(device, non_blocking=True)
     return t
 
@@ -274,7 +277,16 @@ def run_train(cfg: TrainConfig) -> RunResult:
                                    else cfg.view_seed, plan.key_hash, epoch)
             view_params = plan.params[view_ids, np.arange(n)]
             targets = plan.cache.epoch_targets(view_ids, names) if (plan.cache and not cfg.online) else {}
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).numpy()
+            shuffle = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            streamed = tuple(k for k in plan.needs.stages if f"stages/s{k}" not in names) if plan.cache else ()
+            stream = None
+            if streamed:  # large maps: chunk-aware order (the online reference uses the same order)
+                chunk = plan.cache.group[f"stages/s{streamed[0]}"].chunks[1]
+                order = quasi_random_order(n, chunk, cfg.window_chunks, shuffle)
+                if not cfg.online:
+                    stream = WindowedStageReader(plan.cache, streamed, view_ids, order, chunk * cfg.window_chunks)
+            else:
+                order = torch.randperm(n, generator=shuffle).numpy()
             student.train(), method.train()
             sums: dict[str, float] = {}
             step_ends = [time.perf_counter()]
@@ -289,7 +301,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
                     t = TeacherTargets(torch.from_numpy(lg).to(device), torch.from_numpy(em).to(device),
                                        {k: torch.from_numpy(v).to(device) for k, v in st.items()})
                 elif plan.cache is not None:
-                    t = _teacher_targets(plan, targets, view_ids, idx, device)
+                    t = _teacher_targets(plan, targets, stream, idx, device)
                 else:
                     t = None
                 labels = torch.from_numpy(train.labels[idx]).to(device)
@@ -308,6 +320,8 @@ def run_train(cfg: TrainConfig) -> RunResult:
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss.detach()):.3f} top1 {acc:.2f}")
+            if stream is not None:
+                stream.close()
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds
             # 5. eval, metrics, checkpoint --------------------------------------------------------

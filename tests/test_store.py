@@ -179,3 +179,23 @@ def test_missing_chunk_of_a_done_block_is_refused(tmp_path):
         f"{cache.path / 'embed'}/c/2/1/0 (view 2, samples 16-32)"]
     with pytest.raises(KDCacheError, match="(?s)1 chunk file.*missing.*embed/c/2/1/0"):
         cache.check_integrity()
+
+
+def test_quasi_random_order_and_window_reader(tmp_path):
+    import torch
+
+    from kdcache.store.stream import WindowedStageReader, quasi_random_order
+
+    order = quasi_random_order(N, 16, 2, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(N))
+    first = order[:32]  # one window = 2 chunks of 16 samples
+    assert len(np.unique(first // 16)) <= 2
+    s = new_store(tmp_path)
+    cache = s.create_teacher(teacher_attrs(stage_views=V), V)
+    fill(cache)
+    view_ids = np.random.default_rng(5).integers(0, V, N)
+    reader = WindowedStageReader(cache, (3,), view_ids, order, 32)
+    for a in range(0, N, 12):  # batches straddle windows
+        idx = order[a:a + 12]
+        np.testing.assert_array_equal(reader.batch(idx)[3], cache.stage_batch(3, view_ids[idx], idx))
+    reader.close()
