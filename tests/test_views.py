@@ -342,7 +342,7 @@ def test_epoch_views_cycle_for_sampling_recipes():
 
 # --- registry and errors -------------------------------------------------------------------------
 def test_unknown_recipe_lists_valid_names():
-    assert RECIPES.names() == ["cifar", "eval", "rrc"]
+    assert RECIPES.names() == ["cifar", "eval", "padcrop", "rrc"]
     with pytest.raises(KDCacheError) as err:
         get_recipe("rcc")
     msg = str(err.value)
