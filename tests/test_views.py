@@ -346,7 +346,7 @@ def test_unknown_recipe_lists_valid_names():
     with pytest.raises(KDCacheError) as err:
         get_recipe("rcc")
     msg = str(err.value)
-    assert "rrc" in msg and "cifar, eval, rrc" in msg
+    assert "rrc" in msg and "cifar, eval, padcrop, rrc" in msg
 
 
 def test_recipe_knobs_are_checked_and_recorded():
