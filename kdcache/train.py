@@ -32,6 +32,7 @@ from kdcache.methods import Needs, TeacherInfo, TeacherTargets, options_dict, re
 from kdcache.models import MODELS, build_model, describe
 from kdcache.results import RunResult, append_result, git_commit
 from kdcache.store import Store, store_path
+from kdcache.store.schema import jsonable
 from kdcache.store.stream import WindowedStageReader, quasi_random_order
 
 
@@ -135,9 +136,13 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
                            fix=f"kdcache train --method {cfg.method} --teacher NAME --student {cfg.student}")
     store = cache = tinfo = None
     path = store_path(cfg.store_root, cfg.dataset, "train")
-    if needs.teacher or (path / "zarr.json").is_file():  # a store fixes the views, even for ce
+    if needs.teacher:
         store = Store.open(path)
         store.check_dataset(train.fingerprint.as_dict())
+    elif (path / "zarr.json").is_file():  # a matching store fixes the views, even for ce
+        candidate = Store.open(path)
+        if jsonable(candidate.attrs.fingerprint) == jsonable(train.fingerprint.as_dict()):
+            store = candidate
     if needs.teacher:
         cache = store.teacher(cfg.teacher)
         cache.check_complete()

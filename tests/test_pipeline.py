@@ -112,3 +112,10 @@ def test_streamed_stage_maps_cached_equals_online(synth_pipeline, tmp_path):
     online = _weights(_train(tmp_path, run_name="stream-online", online=True, **kw))
     worst = max(float((cached[k].float() - online[k].float()).abs().max()) for k in cached)
     assert worst < 1e-6, worst
+
+
+def test_ce_ignores_a_store_of_another_subset(synth_pipeline):
+    """A teacher-free run uses a store's views only when the store is for its dataset."""
+    root, _ = synth_pipeline
+    r = _train(root, method="ce", teacher=None, subset=256, max_steps=2, run_name="ce-subset")
+    assert r.mode == "none" and r.store == ""
