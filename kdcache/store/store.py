@@ -147,7 +147,9 @@ class Store:
         """Create the teacher's arrays (or open them when an earlier run created the same)."""
         from kdcache.results import locked
 
-        with locked(self.path / ".create-teacher"):  # one creator at a time; others then open it
+        # One creator at a time; others then open it. The lock sits beside the store, not in it, so
+        # zarr never lists it as a member of the hierarchy.
+        with locked(self.path.with_name(self.path.name + ".create-teacher")):
             name = f"teachers/{attrs.alias}"
             if name in self.group:
                 group = self.group[name]
