@@ -12,6 +12,7 @@ from kdcache.errors import KDCacheError
 from kdcache.methods import METHODS, TeacherInfo, TeacherTargets, build_options
 from kdcache.methods.hcd import (HCD, fuse_sub_logits, orthogonality_loss, sub_logit_ce, sub_logit_kl)
 from kdcache.models import ModelInfo, ModelOutputs
+from method_checks import assert_gradients_reach_only_trainables, assert_trains_on_real_student
 
 B, C, K, DT = 5, 6, 4, 12
 CNN = ModelInfo("cnn_s", "cnn", 32, C, 8, ((4, 8, 8), (8, 4, 4), (8, 2, 2), (8, 1, 1)))
@@ -213,24 +214,10 @@ def test_gradients_reach_projectors_mappers_and_student_not_teacher(info):
     t = _teacher(grad=True)
     stages = _stages(info)
     out = _run(m, stages, zs, t, y)
-    sum(out.values()).backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for s in stages + [zs]:
-        assert s.grad is not None and s.grad.abs().sum() > 0
-    assert t.logits.grad is None and t.embed.grad is None
+    assert_gradients_reach_only_trainables(m, out, stages + [zs], t)
 
 
 @pytest.mark.parametrize("alias", ["resnet18_32", "deit_pico"])
 def test_real_students_give_finite_losses(alias):
-    from kdcache.models import build_model, describe
-
-    torch.manual_seed(0)
-    net = build_model(alias, 10)
-    m = HCD(build_options(HCD), describe(net), SWIN_PICO)
-    out = net(torch.randn(4, 3, 32, 32), stages=True)
     t = TeacherTargets(logits=torch.randn(4, 10), embed=torch.randn(4, 384))
-    losses = m(out, t, torch.randint(0, 10, (4,)), epoch=0, step=0, total_epochs=1)
-    assert len(losses) == 14 and all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in m.parameters())
+    assert_trains_on_real_student(lambda info: HCD(build_options(HCD), info, SWIN_PICO), alias, t, n_losses=14)

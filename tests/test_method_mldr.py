@@ -13,6 +13,7 @@ from kdcache.methods import METHODS, TeacherInfo, TeacherTargets, build_options
 from kdcache.methods.mldr import (MLDR, class_relation, dfra_loss, dfra_terms, fuse_stage_logits,
                                   sample_relation)
 from kdcache.models import ModelInfo, ModelOutputs
+from method_checks import assert_gradients_reach_only_trainables, assert_trains_on_real_student
 
 B, C = 5, 6
 CNN = ModelInfo("cnn_s", "cnn", 32, C, 32, ((4, 8, 8), (8, 4, 4), (16, 2, 2), (32, 1, 1)))
@@ -171,25 +172,13 @@ def test_gradients_reach_projectors_gates_and_student_not_teacher(info):
     z, z_t = (x.float() for x in _inputs(7))
     zs, zt = z.clone().requires_grad_(True), z_t.clone().requires_grad_(True)
     stages = _stages(info)
-    out = m(ModelOutputs(zs, torch.zeros(B, info.embed_dim), stages), TeacherTargets(logits=zt),
-            torch.randint(0, C, (B,)), epoch=0, step=0, total_epochs=1)
-    sum(out.values()).backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for s in stages + [zs]:
-        assert s.grad is not None and s.grad.abs().sum() > 0
-    assert zt.grad is None
+    t = TeacherTargets(logits=zt)
+    out = m(ModelOutputs(zs, torch.zeros(B, info.embed_dim), stages), t, torch.randint(0, C, (B,)),
+            epoch=0, step=0, total_epochs=1)
+    assert_gradients_reach_only_trainables(m, out, stages + [zs], t)
 
 
 @pytest.mark.parametrize("alias", ["resnet18_32", "deit_pico"])
 def test_real_students_give_finite_losses(alias):
-    from kdcache.models import build_model, describe
-
-    torch.manual_seed(0)
-    net = build_model(alias, 10)
-    m = MLDR(build_options(MLDR), describe(net), SWIN_PICO)
-    out = net(torch.randn(4, 3, 32, 32), stages=True)
-    losses = m(out, TeacherTargets(logits=torch.randn(4, 10)), torch.randint(0, 10, (4,)), epoch=0, step=0, total_epochs=1)
-    assert len(losses) == 7 and all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in m.parameters())
+    assert_trains_on_real_student(lambda info: MLDR(build_options(MLDR), info, SWIN_PICO), alias,
+                                  TeacherTargets(logits=torch.randn(4, 10)), n_losses=7)

@@ -15,6 +15,7 @@ from kdcache.methods.ofa import OFA, ofa_loss
 from kdcache.methods.projectors import (CNNStageProjector, PatchMerging, SepConv, TokenStageProjector,
                                         build_stage_projector, merge_count, token_target_grid)
 from kdcache.models import ModelInfo, ModelOutputs
+from method_checks import assert_gradients_reach_only_trainables, assert_trains_on_real_student
 
 B, C = 5, 7
 CNN = ModelInfo("cnn_s", "cnn", 32, C, 32, ((4, 8, 8), (8, 4, 4), (16, 2, 2), (32, 1, 1)))
@@ -194,25 +195,12 @@ def test_gradients_reach_projectors_and_student_not_teacher(info):
     z, z_t, y = _inputs(5)
     zs, zt = z.clone().requires_grad_(True), z_t.clone().requires_grad_(True)
     stages = _stages(info)
-    out = m(ModelOutputs(zs, torch.zeros(B, info.embed_dim), stages), TeacherTargets(logits=zt), y,
-            epoch=0, step=0, total_epochs=1)
-    sum(out.values()).backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for s in stages + [zs]:
-        assert s.grad is not None and s.grad.abs().sum() > 0
-    assert zt.grad is None
+    t = TeacherTargets(logits=zt)
+    out = m(ModelOutputs(zs, torch.zeros(B, info.embed_dim), stages), t, y, epoch=0, step=0, total_epochs=1)
+    assert_gradients_reach_only_trainables(m, out, stages + [zs], t)
 
 
 @pytest.mark.parametrize("alias", ["resnet18_32", "deit_pico"])
 def test_real_students_give_finite_losses(alias):
-    from kdcache.models import build_model, describe
-
-    torch.manual_seed(0)
-    net = build_model(alias, 10)
-    m = OFA(build_options(OFA), describe(net), SWIN_PICO)
-    out = net(torch.randn(4, 3, 32, 32), stages=True)
-    losses = m(out, TeacherTargets(logits=torch.randn(4, 10)), torch.randint(0, 10, (4,)), epoch=0, step=0, total_epochs=1)
-    assert len(losses) == 6 and all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in m.parameters())
+    assert_trains_on_real_student(lambda info: OFA(build_options(OFA), info, SWIN_PICO), alias,
+                                  TeacherTargets(logits=torch.randn(4, 10)), n_losses=6)
