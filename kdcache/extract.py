@@ -117,12 +117,16 @@ def method_needs(methods: tuple[str, ...], teacher_family: str, student_family: 
 
 
 def _parse_blocks(spec: str | None, total: int) -> range:
+    """`--blocks START:STOP` (either end may be left out) as a range over the store's block order."""
     if not spec:
         return range(total)
     try:
         a, b = (int(x) if x else None for x in spec.split(":"))
     except ValueError as exc:
-        raise KDCacheError(f"--blocks {spec!r} is not a range", expected="START:STOP, e.g. 0:100") from exc
+        raise KDCacheError(f"--blocks {spec!r} is not a range", expected="START:STOP, e.g. 0:100",
+                           fix="kdcache info STORE shows the number of blocks") from exc
+    if (a is not None and a < 0) or (b is not None and b < 0):
+        raise KDCacheError(f"--blocks {spec!r} has a negative end", expected="START:STOP with 0 <= START < STOP")
     return range(total)[slice(a, b)]
 
 
@@ -191,6 +195,10 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.dtype not in ("float16", "float32"):
         raise KDCacheError(f"--dtype {cfg.dtype!r} is not supported", expected="float16 or float32")
     recipe = get_recipe(cfg.recipe)  # validate cheap settings before loading data or weights
+    _parse_blocks(cfg.blocks, 0)
+    for name, value in (("batch_size", cfg.batch_size), ("block_n", cfg.block_n)):
+        if value < 1:
+            raise KDCacheError(f"--{name.replace('_', '-')} {value} is not a positive size", expected="an integer >= 1")
     recipe.check_views(cfg.views or recipe.default_views)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
     spec = MODELS.get(cfg.teacher)

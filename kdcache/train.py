@@ -80,6 +80,23 @@ class TrainConfig:
     save_teacher_to: str | None = None  # teacher training: copy the final checkpoint here
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse numeric settings that cannot train, before any data or model is loaded."""
+    rules = [("epochs", cfg.epochs >= 1, "an integer >= 1"), ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+             ("lr", cfg.lr > 0, "a number > 0, e.g. 0.05"), ("weight_decay", cfg.weight_decay >= 0, "a number >= 0"),
+             ("momentum", 0 <= cfg.momentum < 1, "a number in [0, 1)"),
+             ("warmup_epochs", 0 <= cfg.warmup_epochs, "a number >= 0"),
+             ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "a number in [0, lr]"),
+             ("subset", cfg.subset is None or cfg.subset >= 1, "an integer >= 1"),
+             ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, "an integer >= 1"),
+             ("input_size", cfg.input_size is None or cfg.input_size >= 8, "an integer >= 8")]
+    for name, ok, expected in rules:
+        if not ok:
+            flag = "--" + name.replace("_", "-")
+            raise KDCacheError(f"{flag} {getattr(cfg, name)!r} cannot train a model", expected=expected,
+                               fix=f"pass {flag} with {expected.split(',')[0]} (or leave it out for the preset's)")
+
+
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine (or constant) decay to min_lr; a pure function of the step."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
@@ -215,6 +232,7 @@ def run_train(cfg: TrainConfig) -> RunResult:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     # 1. data, plan and validation -------------------------------------------------------------
+    check_train_config(cfg)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
     test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download)

@@ -141,6 +141,10 @@ BAD_INPUTS = [
     (["info", "/nonexistent/train.zarr"], "no kdcache store"),
     (["verify", "/nonexistent/train.zarr"], "no kdcache store"),
     (["train", "--student", "resnet10t", "--dataset", "imagefolder", "--data-root", "/nonexistent"], "imagefolder"),
+    (["train", "--student", "resnet10t", "--dataset", "synthetic", "--epochs", "0"], "--epochs 0 cannot train"),
+    (["train", "--student", "resnet10t", "--dataset", "synthetic", "--lr", "-1"], "--lr -1.0 cannot train"),
+    (["extract", "--teacher", "resnet10t", "--dataset", "synthetic", "--blocks", "x:y"], "is not a range"),
+    (["extract", "--teacher", "resnet10t", "--dataset", "synthetic", "--batch-size", "0"], "not a positive size"),
 ]
 
 
