@@ -228,8 +228,6 @@ def test_cli_sweep_dry_run(tmp_path, monkeypatch):
 
     from kdcache import cli
 
-    if not hasattr(cli, "sweep"):
-        pytest.skip("`kdcache sweep` is not in cli.py yet")
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(cli.app, ["sweep", str(SMOKE), "--dry-run", "--only", "method=kd"])
     assert r.exit_code == 0, r.output
