@@ -333,7 +333,8 @@ def run_train(cfg: TrainConfig) -> RunResult:
                     losses = method(out, t, labels, epoch=epoch, step=step, total_epochs=cfg.epochs)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
-                    raise KDCacheError(f"loss became {loss.item()} at step {step} ({ {k: float(v) for k, v in losses.items()} })",
+                    terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
+                    raise KDCacheError(f"loss became {loss.item()} at step {step} ({terms})",
                                        fix="lower --lr, or check the method options")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -119,3 +119,12 @@ def test_ce_ignores_a_store_of_another_subset(synth_pipeline):
     root, _ = synth_pipeline
     r = _train(root, method="ce", teacher=None, subset=256, max_steps=2, run_name="ce-subset")
     assert r.mode == "none" and r.store == ""
+
+
+def test_diverging_loss_stops_with_the_step_and_terms(synth_pipeline):
+    """A loss that becomes non-finite stops training at once, naming the step and every named loss."""
+    root, _ = synth_pipeline
+    with pytest.raises(KDCacheError, match=r"loss became (nan|inf|-inf) at step \d+ \(\{'loss_ce'.*'loss_kd'"):
+        _train(root, run_name="diverge", lr=1e12, max_steps=20)
+    with pytest.raises(KDCacheError, match="--lr 0.0 cannot train"):
+        _train(root, run_name="zero-lr", lr=0.0)
