@@ -153,7 +153,7 @@ def build_options(method: type[Method], overrides: dict[str, Any] | list[str] | 
             raise KDCacheError(
                 f"method {method.name} has no option {key!r}",
                 expected=f"one of: {', '.join(sorted(valid)) or '(none)'}",
-                fix=f"kdcache methods   # lists every method's options and defaults",
+                fix="kdcache list   # lists every method with its options, defaults and presets",
             )
         default = getattr(opts, key)
         changes[key] = _coerce(value, default, key, method.name) if isinstance(value, str) else value
