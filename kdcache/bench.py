@@ -140,7 +140,7 @@ def _measure_teacher(cfg, root):
     from kdcache.data import load_dataset
     from kdcache.data.loader import RenderSpec, iter_views
     from kdcache.devices import resolve_device
-    from kdcache.extract import load_teacher, teacher_forward
+    from kdcache.models.teacher import load_teacher, teacher_forward
     from kdcache.store import Store, store_path
 
     dev = resolve_device(cfg.device)

@@ -36,19 +36,20 @@ def teacher(
     subset: Optional[int] = typer.Option(None, help="train on a stratified subset of N samples"),
     pretrained: bool = typer.Option(False, help="fine-tune from timm hub weights"),
     checkpoint_dir: str = typer.Option("checkpoints", help="where the teacher checkpoint is saved"),
-    seed: int = 0,
+    seed: int = typer.Option(0, help="initialisation and shuffle seed"),
     device: str = DEVICE,
     data_root: Optional[str] = None,
     download: bool = False,
 ):
     """Train (or fine-tune) a teacher and save checkpoints/<dataset>/<teacher>.pt with its accuracy."""
-    from kdcache.extract import default_teacher_checkpoint
-    from kdcache.train import run_train
+    from kdcache.models.teacher import default_teacher_checkpoint, teacher_run_name
+    from kdcache.train import TrainConfig, run_train
 
-    cfg = _train_config(student=teacher, method="ce", teacher=None, dataset=dataset, preset=preset, epochs=epochs,
-                        lr=lr, batch_size=batch_size, subset=subset, seed=seed, device=device, data_root=data_root,
-                        download=download, pretrained=pretrained, run_name=f"teacher-{dataset}-{teacher}-s{seed}",
-                        save_teacher_to=str(default_teacher_checkpoint(checkpoint_dir, dataset, teacher)))
+    cfg = TrainConfig.from_preset(
+        preset, student=teacher, method="ce", dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size,
+        subset=subset, seed=seed, device=device, data_root=data_root, download=download, pretrained=pretrained,
+        run_name=teacher_run_name(dataset, teacher, seed),
+        save_teacher_to=str(default_teacher_checkpoint(checkpoint_dir, dataset, teacher)))
     result = run_train(cfg)
     typer.echo(f"teacher {teacher}: top-1 {result.top1:.2f}% on {dataset} test -> {cfg.save_teacher_to}")
 
@@ -69,7 +70,8 @@ def extract(
     stage_grid: int = typer.Option(0, help="pool stage maps to GxG (0 = full resolution)"),
     dtype: str = typer.Option("float16", help="float16 or float32"),
     topk: int = typer.Option(0, help="store only the top-k logits + log-sum-exp (0 = dense)"),
-    seed: int = typer.Option(0, help="global view seed"),
+    view_seed: int = typer.Option(0, "--view-seed", help="seed of every (sample, view)'s augmentation"),
+    old_seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
     store_root: str = STORE_ROOT,
     batch_size: int = 256,
     block_n: int = typer.Option(4096, help="samples per write block (new stores only)"),
@@ -82,9 +84,10 @@ def extract(
     """Stage one: run the teacher once over every view and write the Zarr store (resumable)."""
     from kdcache.extract import ExtractConfig, run_extract
 
+    _refuse_renamed("--seed", old_seed, "--view-seed")
     stage_list = tuple(int(s) for s in stages.replace(",", " ").split()) if stages else ()
     cfg = ExtractConfig(teacher=teacher, dataset=dataset, checkpoint=checkpoint, pretrained=pretrained,
-                        recipe=recipe, views=views, seed=seed, store_root=store_root, dtype=dtype, topk=topk,
+                        recipe=recipe, views=views, view_seed=view_seed, store_root=store_root, dtype=dtype, topk=topk,
                         methods=_split_methods(methods), stages=stage_list, stage_views=stage_views,
                         stage_grid=stage_grid, student_family=student_family, batch_size=batch_size,
                         block_n=block_n, blocks=blocks, device=device, subset=subset, data_root=data_root,
@@ -95,19 +98,12 @@ def extract(
                f"skipped {r.blocks_skipped} already done{acc}")
 
 
-def _train_config(**kw):
-    """Preset first, then every flag the user gave (None = not given), then TrainConfig defaults."""
-    import dataclasses
+def _refuse_renamed(old: str, value, new: str) -> None:
+    """A flag that was renamed: refuse it with the new name rather than guess."""
+    if value is not None:
+        from kdcache.errors import KDCacheError
 
-    from kdcache.models import MODELS
-    from kdcache.presets import PRESETS, preset_for
-    from kdcache.train import TrainConfig
-
-    preset = kw.pop("preset", None) or preset_for(MODELS.get(kw["student"]).family, kw["dataset"])
-    values = dict(PRESETS.get(preset))
-    values.update({k: v for k, v in kw.items() if v is not None})
-    valid = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(preset=preset, **{k: v for k, v in values.items() if k in valid})
+        raise KDCacheError(f"{old} was renamed {new}", fix=f"pass {new} {value}")
 
 
 @app.command()
@@ -127,7 +123,7 @@ def train(
     online: bool = typer.Option(False, help="run the teacher live on the same views (reference)"),
     resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
     subset: Optional[int] = None,
-    seed: int = 0,
+    seed: int = typer.Option(0, help="initialisation and shuffle seed (the views' seed is the store's)"),
     store_root: str = STORE_ROOT,
     out_dir: str = typer.Option("runs", help="run folders (checkpoints, metrics)"),
     run_name: Optional[str] = None,
@@ -138,10 +134,10 @@ def train(
     download: bool = False,
 ):
     """Stage two: train a student from the cache (or --online with the teacher live)."""
-    from kdcache.train import run_train
+    from kdcache.train import TrainConfig, run_train
 
-    cfg = _train_config(student=student, method=method, teacher=teacher, dataset=dataset, opts=list(opt),
-                        preset=preset, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+    cfg = TrainConfig.from_preset(preset, student=student, method=method, teacher=teacher, dataset=dataset,
+                        opts=list(opt), epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                         weight_decay=weight_decay, input_size=input_size, online=online, resume=resume,
                         subset=subset, seed=seed, store_root=store_root, out_dir=out_dir, run_name=run_name,
                         results=results, max_steps=max_steps, device=device, data_root=data_root,

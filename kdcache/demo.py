@@ -31,22 +31,20 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
-    from kdcache.extract import ExtractConfig, default_teacher_checkpoint, run_extract
-    from kdcache.models import MODELS
-    from kdcache.presets import PRESETS, preset_for
+    from kdcache.extract import ExtractConfig, run_extract
+    from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, default_teacher_checkpoint, teacher_run_name
     from kdcache.train import TrainConfig, run_train
 
     console = Console()
     root = Path(cfg.workdir)
-    ckpt = default_teacher_checkpoint(str(root / "checkpoints"), cfg.dataset, cfg.teacher)
+    ckpt = default_teacher_checkpoint(root / DEFAULT_CHECKPOINT_DIR, cfg.dataset, cfg.teacher)
     results = str(root / "results" / "demo.parquet")
-    teacher_preset = dict(PRESETS.get("fashion_cnn"), epochs=cfg.teacher_epochs)
     if not ckpt.is_file():
         console.rule(f"1/3 teacher {cfg.teacher} on {cfg.dataset}")
-        run_train(TrainConfig(student=cfg.teacher, method="ce", dataset=cfg.dataset, preset="fashion_cnn",
-                              out_dir=str(root / "runs"), results=results, device=cfg.device,
-                              run_name=f"teacher-{cfg.dataset}-{cfg.teacher}", save_teacher_to=str(ckpt),
-                              **teacher_preset))
+        run_train(TrainConfig.from_preset("fashion_cnn", student=cfg.teacher, method="ce", dataset=cfg.dataset,
+                                          epochs=cfg.teacher_epochs, out_dir=str(root / "runs"), results=results,
+                                          device=cfg.device, run_name=teacher_run_name(cfg.dataset, cfg.teacher),
+                                          save_teacher_to=str(ckpt)))
     console.rule(f"2/3 extract {cfg.teacher} targets ({cfg.subset} samples x {cfg.epochs} views)")
     ex = run_extract(ExtractConfig(teacher=cfg.teacher, dataset=cfg.dataset, checkpoint=str(ckpt),
                                    recipe="padcrop", views=cfg.epochs, subset=cfg.subset,
@@ -54,15 +52,13 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
                                    or ("kd",), device=cfg.device))
     console.print(f"extracted {ex.images} views at {ex.images_per_s:.0f} img/s; teacher top-1 {ex.teacher_acc:.2f}%")
     rows = []
-    family = MODELS.get(cfg.student).family
-    preset = preset_for(family, cfg.dataset)
     for method in cfg.methods:
         console.rule(f"3/3 student {cfg.student} with {method}")
         opts = list(cfg.kd_opts) if method == "kd" else []
-        r = run_train(TrainConfig(student=cfg.student, teacher=cfg.teacher, method=method, dataset=cfg.dataset,
-                                  subset=cfg.subset, opts=opts, preset=preset, store_root=str(root / "cache"),
-                                  out_dir=str(root / "runs"), results=results, device=cfg.device,
-                                  **dict(PRESETS.get(preset), epochs=cfg.epochs)))
+        r = run_train(TrainConfig.from_preset(
+            None, student=cfg.student, teacher=cfg.teacher, method=method, dataset=cfg.dataset, subset=cfg.subset,
+            opts=opts, epochs=cfg.epochs, store_root=str(root / "cache"), out_dir=str(root / "runs"),
+            results=results, device=cfg.device))
         rows.append({"method": method, "top1": r.top1, "seconds": r.train_seconds})
     table = Table(title=f"kdcache demo on {cfg.dataset} ({cfg.subset} training samples, full test set)")
     table.add_column("model"), table.add_column("top-1 %", justify="right"), table.add_column("train s", justify="right")

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kdcache.data import get_recipe, key_hashes, load_dataset, view_table
+from kdcache.data import PARAM_NAMES, get_recipe, key_hashes, load_dataset, view_table
 from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
-from kdcache.devices import autocast, autocast_name, resolve_device
+from kdcache.devices import autocast_name, resolve_device
 from kdcache.errors import KDCacheError
-from kdcache.methods import Needs, resolve_method
-from kdcache.models import MODELS, TapModel, build_model, describe
-from kdcache.models.registry import file_sha256
+from kdcache.evaluate import evaluate_model
+from kdcache.methods import method_needs
+from kdcache.models import MODELS, describe
+from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, load_teacher, teacher_forward
 from kdcache.store import Store, StoreAttrs, TeacherAttrs, store_path, versions
-from kdcache.data.views import PARAM_NAMES
+from kdcache.store.schema import DONE, TAIL_FILE, VIEW_PARAMS
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ExtractConfig:
     pretrained: bool = False
     recipe: str = "cifar"
     views: int | None = None  # default: the recipe's (cifar: all 162)
-    seed: int = 0
+    view_seed: int = 0  # the seed every (sample, view) parameter is drawn from
     store_root: str = "cache"
     dtype: str = "float16"
     topk: int = 0  # 0: dense logits; k: top-k ids/values + log-sum-exp (large class counts)
@@ -52,7 +52,7 @@ class ExtractConfig:
     subset: int | None = None
     data_root: str | None = None
     download: bool = False
-    checkpoint_dir: str = "checkpoints"
+    checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR
     progress: bool = True
     max_blocks: int | None = None  # stop after this many blocks (tests: simulated interruption)
 
@@ -72,50 +72,6 @@ class ExtractResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-def default_teacher_checkpoint(checkpoint_dir: str, dataset: str, teacher: str) -> Path:
-    return Path(checkpoint_dir) / dataset / f"{teacher}.pt"
-
-
-def load_teacher(cfg_teacher: str, dataset: str, num_classes: int, checkpoint: str | None, pretrained: bool,
-                 checkpoint_dir: str, mean, std) -> tuple[TapModel, dict]:
-    """Build the teacher with weights: an explicit checkpoint, hub weights, or the default path."""
-    MODELS.get(cfg_teacher)
-    if checkpoint is None and not pretrained:
-        default = default_teacher_checkpoint(checkpoint_dir, dataset, cfg_teacher)
-        if not default.is_file():
-            raise KDCacheError(
-                f"teacher {cfg_teacher} has no weights: no --checkpoint, no --pretrained, and no {default}",
-                fix=f"kdcache teacher --teacher {cfg_teacher} --dataset {dataset}   (or pass --checkpoint PATH)",
-            )
-        checkpoint = str(default)
-    model = build_model(cfg_teacher, num_classes, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
-    meta = {"checkpoint": checkpoint, "sha256": file_sha256(checkpoint) if checkpoint else None,
-            "mean": tuple(mean), "std": tuple(std), "acc": None, "input_size": model.spec.input_size}
-    if checkpoint:
-        blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if isinstance(blob, dict):
-            if blob.get("num_classes") not in (None, num_classes):
-                raise KDCacheError(
-                    f"checkpoint {checkpoint} has {blob['num_classes']} classes, dataset {dataset} has {num_classes}",
-                    fix="pass a checkpoint trained on this dataset")
-            for key in ("mean", "std", "input_size"):
-                if blob.get(key) is not None:
-                    meta[key] = tuple(blob[key]) if key != "input_size" else int(blob[key])
-            meta["acc"] = blob.get("acc")
-    elif pretrained:
-        cfg = model.net.pretrained_cfg
-        meta["mean"], meta["std"] = tuple(cfg.get("mean", mean)), tuple(cfg.get("std", std))
-    return model, meta
-
-
-def method_needs(methods: tuple[str, ...], teacher_family: str, student_family: str) -> Needs:
-    needs = Needs(logits=True, embed=True)
-    for name in methods:
-        cls, opts = resolve_method(name)
-        needs = needs.union(cls.needs(opts, teacher_family, student_family))
-    return needs
-
-
 def _parse_blocks(spec: str | None, total: int) -> range:
     """`--blocks START:STOP` (either end may be left out) as a range over the store's block order."""
     if not spec:
@@ -130,61 +86,19 @@ def _parse_blocks(spec: str | None, total: int) -> range:
     return range(total)[slice(a, b)]
 
 
-@torch.inference_mode()
-def teacher_forward(model: TapModel, x: torch.Tensor, device: torch.device, stages: tuple[int, ...],
-                    grid: int):
-    with autocast(device):
-        out = model(x, stages=bool(stages))
-    maps = {}
-    for k in stages:
-        m = out.stages[k - 1].float()
-        if grid and grid < m.shape[-1]:
-            m = F.adaptive_avg_pool2d(m, grid)
-        maps[k] = m.cpu().numpy()
-    return out.logits.float().cpu().numpy(), out.embed.float().cpu().numpy(), maps
-
-
-@torch.inference_mode()
-def evaluate_model(model: TapModel, dataset, spec: RenderSpec, device: torch.device,
-                   batch_size: int = 512) -> float:
-    """Top-1 accuracy (%) on a split with the deterministic eval view."""
-    recipe = get_recipe("eval")
-    n = len(dataset)
-    heights, widths = _sizes(dataset)
-    _, params = view_table(recipe, 0, dataset.keys, heights, widths, 1)
-    correct = 0
-    was = model.training
-    model.eval()
-    for (x,), idx in iter_views(dataset, np.arange(n), params[0], [spec], batch_size, device):
-        with autocast(device):
-            pred = model(x).logits.argmax(1).cpu().numpy()
-        correct += int((pred == dataset.labels[idx]).sum())
-    model.train(was)
-    return 100.0 * correct / n
-
-
-def _sizes(dataset) -> tuple[np.ndarray, np.ndarray]:
-    if dataset.images is not None:
-        n, _, h, w = dataset.images.shape
-        return np.full(n, h), np.full(n, w)
-    hw = np.array([dataset.image_size(i) for i in range(len(dataset))])
-    return hw[:, 0], hw[:, 1]
-
-
-def open_view_store(dataset, recipe_name: str, num_views: int | None, seed: int, store_root: str,
+def open_view_store(dataset, recipe_name: str, num_views: int | None, view_seed: int, store_root: str,
                     block_n: int) -> Store:
     """Create (or open and check) the store holding this dataset's view table."""
     recipe = get_recipe(recipe_name)
     v = num_views or recipe.default_views
-    heights, widths = _sizes(dataset)
-    seeds, params = view_table(recipe, seed, dataset.keys, heights, widths, v)
+    seeds, params = view_table(recipe, view_seed, dataset.keys, *dataset.sizes(), v)
     n = len(dataset)
     even_block = -(-n // -(-n // block_n))  # equal blocks: zarr pads a short last chunk to full size
     attrs = StoreAttrs(
         fingerprint=dataset.fingerprint.as_dict(), recipe=recipe.name, recipe_version=recipe.version,
-        recipe_knobs=recipe.knobs(), global_seed=seed, num_views=v, param_names=tuple(PARAM_NAMES),
+        recipe_knobs=recipe.knobs(), view_seed=view_seed, num_views=v, param_names=tuple(PARAM_NAMES),
         block_n=even_block)
-    path = store_path(store_root, dataset.name if dataset.split == "train" else dataset.name, dataset.split)
+    path = store_path(store_root, dataset.name, dataset.split)
     return Store.create_or_open(path, attrs, dataset.labels, key_hashes(dataset.keys), seeds, params)
 
 
@@ -209,7 +123,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     info = describe(model, meta["input_size"])
-    store = open_view_store(train, cfg.recipe, cfg.views, cfg.seed, cfg.store_root, cfg.block_n)
+    store = open_view_store(train, cfg.recipe, cfg.views, cfg.view_seed, cfg.store_root, cfg.block_n)
     train = to_device_resident(train, device)
     n_views = store.attrs.num_views
     stages = tuple(sorted(set(needs.stages) | set(cfg.stages)))
@@ -228,17 +142,17 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     if needs.tail:
         from kdcache.models.tails import save_tail
 
-        save_tail(model, train.num_classes, cache.path / "tail.safetensors")
+        save_tail(model, train.num_classes, cache.path / TAIL_FILE)
 
     render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
-    n_blocks = cache.group["done"].shape[1]
+    n_blocks = cache.group[DONE].shape[1]
     order = [(v, j) for v in range(n_views) for j in range(n_blocks)]
     chosen = [order[k] for k in _parse_blocks(cfg.blocks, len(order))]
     done = cache.done_mask()
     todo = [(v, j) for v, j in chosen if not done[v, j]]
     if cfg.max_blocks is not None:
         todo = todo[:cfg.max_blocks]
-    all_params = store.group["views/params"]
+    all_params = store.group[VIEW_PARAMS]
 
     t0, images = time.perf_counter(), 0
     pending: list[Future] = []

@@ -29,7 +29,7 @@ def store_summary(path: str | Path) -> dict:
     store = Store.open(path)
     a = store.attrs
     out = {"path": str(store.path), "fingerprint": a.fingerprint, "recipe": a.recipe,
-           "recipe_version": a.recipe_version, "global_seed": a.global_seed, "views": a.num_views,
+           "recipe_version": a.recipe_version, "view_seed": a.view_seed, "views": a.num_views,
            "samples": store.num_samples, "teachers": {}}
     for name in store.teacher_names():
         cache = store.teacher(name)
@@ -62,7 +62,7 @@ def print_info(path: str | Path) -> None:
     fp = s["fingerprint"]
     console.print(f"[bold]{s['path']}[/bold]  {human(s['bytes'])}")
     console.print(f"dataset {fp['name']}/{fp['split']}: {fp['n']} samples, label hash {fp['label_hash']}")
-    console.print(f"views: recipe {s['recipe']} v{s['recipe_version']}, {s['views']} views, seed {s['global_seed']}")
+    console.print(f"views: recipe {s['recipe']} v{s['recipe_version']}, {s['views']} views, seed {s['view_seed']}")
     for name, t in s["teachers"].items():
         acc = f"{t['teacher_acc']:.2f}%" if t["teacher_acc"] is not None else "not measured"
         state = "complete" if t["complete"] else "[yellow]incomplete[/yellow]"

@@ -7,12 +7,11 @@ sweep never lose or corrupt a row.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import os
 import subprocess
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from kdcache.files import atomic_write, locked
 
 
 @dataclass
@@ -51,17 +50,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-@contextmanager
-def locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def append_rows(path: str | Path, rows: list[dict]) -> None:
     """Append rows (dicts) to a Parquet table, creating it if needed; columns are unioned."""
     import pyarrow as pa
@@ -75,9 +63,7 @@ def append_rows(path: str | Path, rows: list[dict]) -> None:
             table = pa.concat_tables([old, new], promote_options="default")
         else:
             table = new
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def append_result(path: str | Path, result: RunResult) -> None:

@@ -1,10 +1,10 @@
 """Stage two: train a student from cached teacher targets (or with the teacher live, `online`).
 
 One loop serves every case: teacher training (`ce`, no teacher), students from the cache, and the
-online reference. Both teacher modes see the same views: the view of sample i at epoch e is
-`epoch_views(...)[i]`, its crop/flip comes from the store's view table, and the shuffle order is a
-pure function of (seed, epoch). With an fp32 store, cached and online training give the same
-weights (tests/test_equivalence.py).
+online reference; where the targets come from is a target source (`sources.py`). Both teacher
+modes see the same views: the view of sample i at epoch e is `epoch_views(...)[i]`, its parameters
+come from the store's view table, and the shuffle order is a pure function of (seed, epoch). With
+an fp32 store, cached and online training give the same weights (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,13 +26,16 @@ from kdcache.data import epoch_views, get_recipe, key_hashes, load_dataset, view
 from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast, resolve_device
 from kdcache.errors import KDCacheError
-from kdcache.extract import _sizes, evaluate_model, load_teacher, teacher_forward
-from kdcache.methods import Needs, TeacherInfo, TeacherTargets, options_dict, resolve_method
+from kdcache.evaluate import evaluate_model
+from kdcache.files import atomic_torch_save
+from kdcache.methods import Method, Needs, TeacherInfo, options_dict, resolve_method
 from kdcache.models import MODELS, build_model, describe
+from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR
+from kdcache.presets import PRESETS, preset_for
 from kdcache.results import RunResult, append_result, git_commit
-from kdcache.store import Store, store_path
-from kdcache.store.schema import jsonable
-from kdcache.store.stream import WindowedStageReader, quasi_random_order
+from kdcache.sources import CachedTargets, NoTargets, OnlineTargets, check_cache_serves, teacher_info
+from kdcache.store import Store, TeacherCache, store_path
+from kdcache.store.schema import EMBED, LOGITS, TAIL_FILE, jsonable
 
 
 @dataclass
@@ -60,8 +62,8 @@ class TrainConfig:
     input_size: int | None = None  # default: the student's
     recipe: str = "cifar"  # only used when no store fixes the views
     views: int | None = None
-    seed: int = 0  # initialisation and shuffle order; the views' seed is the store's (view_seed without one)
-    view_seed: int = 0
+    seed: int = 0  # initialisation and shuffle order only
+    view_seed: int = 0  # the views' seed when no store fixes them (a store's own view_seed wins)
     online: bool = False  # run the teacher live on the same views (the reference)
     teacher_checkpoint: str | None = None  # online only; default: the one recorded in the store
     store_root: str = "cache"
@@ -78,6 +80,21 @@ class TrainConfig:
     download: bool = False
     progress: bool = True
     save_teacher_to: str | None = None  # teacher training: copy the final checkpoint here
+    checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR  # online: where the default teacher checkpoint is looked for
+
+    @classmethod
+    def from_preset(cls, preset: str | None = None, **values: Any) -> "TrainConfig":
+        """The one preset merge (cli, sweep, demo): the preset's settings, then every given value
+        (None means "not given"). The default preset follows the student's family and the dataset."""
+        values = {k: v for k, v in values.items() if v is not None}
+        preset = preset or preset_for(MODELS.get(values["student"]).family, values.get("dataset", "fashion-mnist"))
+        merged = {**PRESETS.get(preset), **values}
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - valid)
+        if unknown:
+            raise KDCacheError(f"unknown training setting(s) {', '.join(unknown)}",
+                               expected=f"TrainConfig fields: {', '.join(sorted(valid))}")
+        return cls(preset=preset, **merged)
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -119,35 +136,32 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     raise KDCacheError(f"unknown optimizer {cfg.optimizer!r}", expected="sgd or adamw")
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 @dataclass
 class Plan:
     """Everything validated before the first step (all problems reported before hours are spent)."""
 
-    cfg: TrainConfig
     needs: Needs
-    method_cls: type
+    method_cls: type[Method]
     method_opts: Any
     store: Store | None
-    cache: Any  # TeacherCache | None
+    cache: TeacherCache | None
     teacher_info: TeacherInfo | None
     num_views: int
-    params: np.ndarray  # [V, N, 5] view table
+    view_seed: int
+    params: np.ndarray  # [V, N, P] view table
     key_hash: np.ndarray
     recipe: Any
+
+    @property
+    def mode(self) -> str:
+        return "none" if self.cache is None else "cached"
 
 
 def plan_run(cfg: TrainConfig, train) -> Plan:
     sspec = MODELS.get(cfg.student)
     method_cls, opts = resolve_method(cfg.method, cfg.opts)
-    if cfg.teacher:
-        tspec = MODELS.get(cfg.teacher)
-    needs = method_cls.needs(opts, tspec.family if cfg.teacher else None, sspec.family)
+    tfamily = MODELS.get(cfg.teacher).family if cfg.teacher else None
+    needs = method_cls.needs(opts, tfamily, sspec.family)
     if needs.teacher and not cfg.teacher:
         raise KDCacheError(f"method {cfg.method} distils from a teacher, but no --teacher was given",
                            fix=f"kdcache train --method {cfg.method} --teacher NAME --student {cfg.student}")
@@ -163,75 +177,100 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
     if needs.teacher:
         cache = store.teacher(cfg.teacher)
         cache.check_complete()
-        _check_needs(cfg, cache, needs, store)
-        cache.check_integrity(tuple(n for n, w in (("logits", needs.logits), ("embed", needs.embed)) if w))
-        a = cache.attrs
-        tinfo = TeacherInfo(alias=a.alias, family=a.family, num_classes=a.num_classes, embed_dim=a.embed_dim,
-                            input_size=a.input_size, stage_shapes=a.stage_shapes)
-        if a.num_classes != train.num_classes:
-            raise KDCacheError(f"teacher targets have {a.num_classes} classes, dataset has {train.num_classes}")
+        check_cache_serves(cache, store, needs, cfg.method, cfg.dataset, cfg.store_root)
+        cache.check_integrity(tuple(n for n, w in ((LOGITS, needs.logits), (EMBED, needs.embed)) if w))
+        tinfo = teacher_info(cache)
+        if tinfo.num_classes != train.num_classes:
+            raise KDCacheError(f"teacher targets have {tinfo.num_classes} classes, dataset has {train.num_classes}")
     if store is not None:
         recipe = get_recipe(store.attrs.recipe)
-        num_views, params = store.attrs.num_views, store.params()
+        num_views, view_seed, params = store.attrs.num_views, store.attrs.view_seed, store.params()
     else:
         recipe = get_recipe(cfg.recipe)
-        num_views = cfg.views or (recipe.default_views if recipe.enumerates else max(cfg.epochs, 1))
-        heights, widths = _sizes(train)
-        _, params = view_table(recipe, cfg.view_seed, train.keys, heights, widths, num_views)
+        num_views, view_seed = cfg.views or recipe.views_for_epochs(cfg.epochs), cfg.view_seed
+        _, params = view_table(recipe, view_seed, train.keys, *train.sizes(), num_views)
     if not recipe.enumerates and cfg.epochs > num_views:
         print(f"note: {cfg.epochs} epochs over {num_views} cached views: views repeat after epoch {num_views}")
-    return Plan(cfg, needs, method_cls, opts, store, cache, tinfo, num_views, params, key_hashes(train.keys),
+    return Plan(needs, method_cls, opts, store, cache, tinfo, num_views, view_seed, params, key_hashes(train.keys),
                 recipe)
 
 
-def _check_needs(cfg: TrainConfig, cache, needs: Needs, store: Store) -> None:
-    a = cache.attrs
-    lacking = sorted(set(needs.stages) - set(a.stored_stages))
-    stages = ",".join(map(str, sorted(set(needs.stages) | set(a.stored_stages))))
-    fix = (f"kdcache extract --teacher {cfg.teacher} --dataset {cfg.dataset} --methods {cfg.method}"
-           + (f" --stages {stages}" if needs.stages else "")
-           + f" --store-root {cfg.store_root}   (after deleting {cache.path})")
-    missing = []
-    if lacking:
-        missing.append(f"teacher stage maps {lacking} (the store has {list(a.stored_stages) or 'none'})")
-    elif needs.stages and a.stage_views < store.attrs.num_views:
-        missing.append(f"stage maps for all {store.attrs.num_views} views (only {a.stage_views} have them)")
-    if needs.tail and not (cache.path / "tail.safetensors").is_file():
-        missing.append("the frozen teacher tail (tail.safetensors)")
-    if missing:
-        raise KDCacheError(f"method {cfg.method} needs " + "; ".join(missing) + f" in {store.path}", fix=fix)
+def make_source(plan: Plan, cfg: TrainConfig, train, device: torch.device) -> NoTargets:
+    """The target source of this run: none, the cache, or the teacher live (`--online`)."""
+    if plan.cache is None:
+        return NoTargets(len(train))
+    budget = cfg.stage_ram_mb << 20
+    if cfg.online:
+        return OnlineTargets(plan.cache, plan.needs, len(train), device, budget, cfg.window_chunks, cfg.dataset,
+                             train.num_classes, cfg.teacher_checkpoint, cfg.checkpoint_dir)
+    return CachedTargets(plan.cache, plan.needs, len(train), device, budget, cfg.window_chunks)
 
 
-def _teacher_targets(plan: Plan, epoch_targets: dict, stream, idx: np.ndarray,
-                     device: torch.device) -> TeacherTargets:
-    t = TeacherTargets()
-    if "logits" in epoch_targets:
-        t.logits = torch.from_numpy(epoch_targets["logits"][idx]).to(device, non_blocking=True)
-    if "embed" in epoch_targets:
-        t.embed = torch.from_numpy(epoch_targets["embed"][idx]).to(device, non_blocking=True)
-    streamed = stream.batch(idx) if stream is not None else {}
-    for k in plan.needs.stages:
-        held = epoch_targets.get(f"stages/s{k}")
-        maps = held[idx] if held is not None else streamed[k]
-        t.stages[k] = torch.from_numpy(maps).to(device, non_blocking=True)
-    return t
+def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.device) -> Method:
+    """The method's modules, built from the measured student and the cached teacher description,
+    then attached to the student module (and the frozen teacher tail when the method needs it)."""
+    method = plan.method_cls(plan.method_opts, describe(student, size), plan.teacher_info).to(device)
+    tail = None
+    if plan.needs.tail:
+        from kdcache.models.tails import load_tail
+
+        tail = load_tail(plan.cache.path / TAIL_FILE)
+    method.attach(student, tail)
+    return method
 
 
-def epoch_target_names(plan: Plan, ram_budget_bytes: int) -> tuple[str, ...]:
-    """What to read whole at the start of each epoch: logits and embeddings always (small), and
-    stage maps too while one epoch's worth fits the budget; larger maps are streamed per batch."""
-    names = [n for n, want in (("logits", plan.needs.logits), ("embed", plan.needs.embed)) if want]
-    for k in plan.needs.stages:
-        arr = plan.cache.group[f"stages/s{k}"]
-        if arr.shape[1] * int(np.prod(arr.shape[2:])) * 4 <= ram_budget_bytes:
-            names.append(f"stages/s{k}")
-    return tuple(names)
+@dataclass
+class RunState:
+    """Where a run stands: restored by `--resume`, saved with every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def top1(self) -> float:
+        return self.history[-1]["top1"] if self.history else 0.0
+
+
+def resume(ckpt_path: Path, fingerprint: dict, modules: dict[str, Any], device: torch.device) -> RunState:
+    """Load a run's last checkpoint into the student, method and optimiser."""
+    blob = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if blob["fingerprint"] != fingerprint:
+        raise KDCacheError(f"{ckpt_path} was trained on {blob['fingerprint']}, not on this dataset")
+    for key, module in modules.items():
+        module.load_state_dict(blob[key])
+    torch.set_rng_state(blob["rng"])
+    return RunState(blob["epoch"], blob["step"], blob["best"], blob["history"])
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, train, size: int, progress: RunState,
+                    modules: dict[str, Any]) -> None:
+    atomic_torch_save({**{k: m.state_dict() for k, m in modules.items()}, "epoch": progress.epoch,
+                       "step": progress.step, "best": progress.best, "history": progress.history,
+                       "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
+                       "fingerprint": train.fingerprint.as_dict(), "alias": cfg.student,
+                       "num_classes": train.num_classes, "input_size": size, "mean": tuple(train.mean),
+                       "std": tuple(train.std), "acc": progress.top1}, path)
+
+
+def export_teacher(ckpt_path: Path, to: str) -> None:
+    """Copy the weights and description of a finished teacher run to where extract looks for them."""
+    Path(to).parent.mkdir(parents=True, exist_ok=True)
+    blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    atomic_torch_save({k: blob[k] for k in ("model", "alias", "num_classes", "input_size", "mean", "std", "acc",
+                                            "fingerprint", "config")}, to)
+
+
+def run_name(cfg: TrainConfig, mode: str) -> str:
+    return cfg.run_name or f"{cfg.dataset}-{cfg.teacher or 'none'}-{cfg.student}-{cfg.method}-{mode}-s{cfg.seed}"
 
 
 def run_train(cfg: TrainConfig) -> RunResult:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
 
-    # 1. data, plan and validation -------------------------------------------------------------
+    # 1. data, plan, models, target source --------------------------------------------------------
     check_train_config(cfg)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
@@ -239,150 +278,107 @@ def run_train(cfg: TrainConfig) -> RunResult:
     plan = plan_run(cfg, train)
     train, test = to_device_resident(train, device), to_device_resident(test, device)
     torch.manual_seed(cfg.seed)
-
-    # 2. models: student, method modules, and (online only) the live teacher ---------------------
     student = build_model(cfg.student, train.num_classes, pretrained=cfg.pretrained,
                           drop_path_rate=cfg.drop_path).to(device)
     size = cfg.input_size or student.spec.input_size
-    sinfo = describe(student, size)
-    tail = None
-    if plan.needs.tail:
-        from kdcache.models.tails import load_tail
+    method = build_method(plan, student, size, device)
+    source = make_source(plan, cfg, train, device)
+    specs = [RenderSpec(size, tuple(train.mean), tuple(train.std)), *source.render_specs]
+    opt = make_optimizer([p for p in [*student.parameters(), *method.parameters()] if p.requires_grad], cfg)
+    modules = {"model": student, "method": method, "optimizer": opt}
 
-        tail = load_tail(plan.cache.path / "tail.safetensors")
-    method = plan.method_cls(plan.method_opts, sinfo, plan.teacher_info, tail=tail).to(device)
-    if hasattr(method, "bind_student"):
-        method.bind_student(student)
-    teacher = None
-    specs = [RenderSpec(size, tuple(train.mean), tuple(train.std))]
-    if cfg.online and plan.needs.teacher:
-        a = plan.cache.attrs
-        teacher, _ = load_teacher(a.alias, cfg.dataset, train.num_classes, cfg.teacher_checkpoint or a.checkpoint,
-                                  False, "checkpoints", a.mean, a.std)
-        teacher.to(device).eval()
-        specs.append(RenderSpec(a.input_size, tuple(a.mean), tuple(a.std)))
-    names = epoch_target_names(plan, cfg.stage_ram_mb << 20) if plan.cache is not None else ()
-
-    # 3. optimiser, run directory, resume --------------------------------------------------------
-    params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
-    opt = make_optimizer(params, cfg)
+    # 2. run folder and resume ---------------------------------------------------------------------
     n = len(train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    mode = "none" if not plan.needs.teacher else ("online" if cfg.online else "cached")
-    run_name = cfg.run_name or f"{cfg.dataset}-{cfg.teacher or 'none'}-{cfg.student}-{cfg.method}-{mode}-s{cfg.seed}"
-    run_dir = Path(cfg.out_dir) / run_name
+    mode = "online" if cfg.online and plan.cache is not None else plan.mode
+    name = run_name(cfg, mode)
+    run_dir = Path(cfg.out_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "last.pt"
-    start_epoch, step, best, history = 0, 0, 0.0, []
+    state = RunState()
     if cfg.resume and ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if blob["fingerprint"] != train.fingerprint.as_dict():
-            raise KDCacheError(f"{ckpt_path} was trained on {blob['fingerprint']}, not on this dataset")
-        student.load_state_dict(blob["model"]), method.load_state_dict(blob["method"])
-        opt.load_state_dict(blob["optimizer"])
-        start_epoch, step, best, history = blob["epoch"], blob["step"], blob["best"], blob["history"]
-        torch.set_rng_state(blob["rng"])
+        state = resume(ckpt_path, train.fingerprint.as_dict(), modules, device)
     elif cfg.resume:
         print(f"note: --resume given but {ckpt_path} does not exist; starting from scratch")
-    if start_epoch == 0:
+    if state.epoch == 0:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    # 4. the loop ---------------------------------------------------------------------------------
-    t_start = time.perf_counter()
-    train_seconds = sum(h["seconds"] for h in history)
-    acc = history[-1]["top1"] if history else 0.0
-    with Progress(TextColumn(f"{run_name}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
-        task = bar.add_task("train", total=total_steps, completed=step, info="")
-        for epoch in range(start_epoch, cfg.epochs):
+
+    # 3. the loop ----------------------------------------------------------------------------------
+    train_seconds = sum(h["seconds"] for h in state.history)
+    acc = state.top1
+    with Bar(TextColumn(name), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
+        task = bar.add_task("train", total=total_steps, completed=state.step, info="")
+        for epoch in range(state.epoch, cfg.epochs):
             t_epoch = time.perf_counter()
-            view_ids = epoch_views(plan.recipe, plan.num_views, plan.store.attrs.global_seed if plan.store
-                                   else cfg.view_seed, plan.key_hash, epoch)
+            view_ids = epoch_views(plan.recipe, plan.num_views, plan.view_seed, plan.key_hash, epoch)
             view_params = plan.params[view_ids, np.arange(n)]
-            targets = plan.cache.epoch_targets(view_ids, names) if (plan.cache and not cfg.online) else {}
-            shuffle = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-            streamed = tuple(k for k in plan.needs.stages if f"stages/s{k}" not in names) if plan.cache else ()
-            stream = None
-            if streamed:  # large maps: chunk-aware order (the online reference uses the same order)
-                chunk = plan.cache.group[f"stages/s{streamed[0]}"].chunks[1]
-                order = quasi_random_order(n, chunk, cfg.window_chunks, shuffle)
-                if not cfg.online:
-                    stream = WindowedStageReader(plan.cache, streamed, view_ids, order, chunk * cfg.window_chunks)
-            else:
-                order = torch.randperm(n, generator=shuffle).numpy()
+            order = source.begin_epoch(view_ids, torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             student.train(), method.train()
             sums: dict[str, float] = {}
             step_ends = [time.perf_counter()]
             for views, idx in iter_views(train, order, view_params[order], specs, cfg.batch_size, device):
-                if cfg.max_steps is not None and step >= cfg.max_steps:
+                if cfg.max_steps is not None and state.step >= cfg.max_steps:
                     break
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total_steps, steps_per_epoch, cfg)
-                if teacher is not None:
-                    lg, em, st = teacher_forward(teacher, views[1], device, plan.needs.stages,
-                                                 plan.cache.attrs.stage_grid)
-                    t = TeacherTargets(torch.from_numpy(lg).to(device), torch.from_numpy(em).to(device),
-                                       {k: torch.from_numpy(v).to(device) for k, v in st.items()})
-                elif plan.cache is not None:
-                    t = _teacher_targets(plan, targets, stream, idx, device)
-                else:
-                    t = None
+                    group["lr"] = lr_at(state.step, total_steps, steps_per_epoch, cfg)
+                targets = source.batch(idx, views)
                 labels = torch.from_numpy(train.labels[idx]).to(device)
                 with autocast(device):
                     out = student(views[0], stages=plan.needs.student_stages)
-                    losses = method(out, t, labels, epoch=epoch, step=step, total_epochs=cfg.epochs)
+                    losses = method(out, targets, labels, epoch=epoch, step=state.step, total_epochs=cfg.epochs)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
-                    raise KDCacheError(f"loss became {loss.item()} at step {step} ({terms})",
+                    raise KDCacheError(f"loss became {loss.item()} at step {state.step} ({terms})",
                                        fix="lower --lr, or check the method options")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                step += 1
+                state.step += 1
                 step_ends.append(time.perf_counter())
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss.detach()):.3f} top1 {acc:.2f}")
-            if stream is not None:
-                stream.close()
+            source.end_epoch()
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds
-            # 5. eval, metrics, checkpoint --------------------------------------------------------
-            last = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+
+            # 4. eval, metrics, checkpoint -----------------------------------------------------------
+            last = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and state.step >= cfg.max_steps)
             if cfg.eval_every and (last or (epoch + 1) % cfg.eval_every == 0):
                 acc = evaluate_model(student, test, specs[0], device)
-                best = max(best, acc)
-            batches = max(1, step - (history[-1]["step"] if history else 0))
-            row = {"epoch": epoch + 1, "step": step, "top1": acc, "seconds": seconds,
+                state.best = max(state.best, acc)
+            batches = max(1, state.step - (state.history[-1]["step"] if state.history else 0))
+            row = {"epoch": epoch + 1, "step": state.step, "top1": acc, "seconds": seconds,
                    "step_s_median": float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan"),
                    "lr": opt.param_groups[0]["lr"], **{k: v / batches for k, v in sums.items()}}
-            history.append(row)
+            state.history.append(row)
+            state.epoch = epoch + 1
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            _save_atomic({"model": student.state_dict(), "method": method.state_dict(),
-                          "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step, "best": best,
-                          "history": history, "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
-                          "fingerprint": train.fingerprint.as_dict(), "alias": cfg.student,
-                          "num_classes": train.num_classes, "input_size": size, "mean": tuple(train.mean),
-                          "std": tuple(train.std), "acc": acc}, ckpt_path)
+            save_checkpoint(ckpt_path, cfg, train, size, state, modules)
             if last:
                 break
     if cfg.save_teacher_to:
-        Path(cfg.save_teacher_to).parent.mkdir(parents=True, exist_ok=True)
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _save_atomic({k: blob[k] for k in ("model", "alias", "num_classes", "input_size", "mean", "std", "acc",
-                                             "fingerprint", "config")}, Path(cfg.save_teacher_to))
-    epochs_run = len(history)
-    result = RunResult(
-        run_id=uuid.uuid4().hex[:12], finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        dataset=cfg.dataset, subset=cfg.subset or 0, student=cfg.student, method=cfg.method, mode=mode,
-        teacher=cfg.teacher or "", teacher_acc=float(plan.cache.attrs.teacher_acc or float("nan")) if plan.cache
-        else float("nan"), preset=cfg.preset or "", options=json.dumps(options_dict(plan.method_opts)),
-        train_config=json.dumps(dataclasses.asdict(cfg)), epochs=epochs_run, steps=step, top1=acc, best_top1=best,
-        train_seconds=train_seconds, seconds_per_epoch=train_seconds / max(epochs_run, 1), seed=cfg.seed,
-        store=str(plan.store.path) if plan.store else "", checkpoint=str(ckpt_path), device=str(device),
-        commit=git_commit())
+        export_teacher(ckpt_path, cfg.save_teacher_to)
+    result = make_result(cfg, plan, mode, state, acc, train_seconds, ckpt_path, device)
     if cfg.results:
         append_result(cfg.results, result)
     return result
+
+
+def make_result(cfg: TrainConfig, plan: Plan, mode: str, state: RunState, acc: float, train_seconds: float,
+                ckpt_path: Path, device: torch.device) -> RunResult:
+    epochs_run = len(state.history)
+    teacher_acc = plan.cache.attrs.teacher_acc if plan.cache is not None else None
+    return RunResult(
+        run_id=uuid.uuid4().hex[:12], finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dataset=cfg.dataset, subset=cfg.subset or 0, student=cfg.student, method=cfg.method, mode=mode,
+        teacher=cfg.teacher or "", teacher_acc=float("nan") if teacher_acc is None else float(teacher_acc),
+        preset=cfg.preset or "", options=json.dumps(options_dict(plan.method_opts)),
+        train_config=json.dumps(dataclasses.asdict(cfg)), epochs=epochs_run, steps=state.step, top1=acc,
+        best_top1=state.best, train_seconds=train_seconds, seconds_per_epoch=train_seconds / max(epochs_run, 1),
+        seed=cfg.seed, store=str(plan.store.path) if plan.store else "", checkpoint=str(ckpt_path),
+        device=str(device), commit=git_commit())

@@ -65,7 +65,7 @@ def verify_store(path: str | Path, teacher: str | None = None, samples: int = 64
     from kdcache.data import load_dataset
     from kdcache.data.loader import RenderSpec, iter_views
     from kdcache.devices import resolve_device
-    from kdcache.extract import load_teacher, teacher_forward
+    from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, load_teacher, teacher_forward
 
     store = Store.open(path)
     names = [teacher] if teacher else store.teacher_names()
@@ -89,7 +89,7 @@ def verify_store(path: str | Path, teacher: str | None = None, samples: int = 64
                 ds = load_dataset(fp["name"], fp["split"], root=data_root, subset=subset)
             store.check_dataset(ds.fingerprint.as_dict())
             model, _ = load_teacher(name, fp["name"], a.num_classes, checkpoint or a.checkpoint, a.pretrained,
-                                    "checkpoints", a.mean, a.std)
+                                    DEFAULT_CHECKPOINT_DIR, a.mean, a.std)
             model.to(dev).eval()
             rng = np.random.default_rng(seed)
             done = cache.done_mask()

@@ -10,8 +10,7 @@ import torch
 from kdcache.errors import KDCacheError
 from kdcache.methods import METHODS, TeacherInfo, TeacherTargets, build_options
 from kdcache.methods.fbt import FBT, info_nce
-from kdcache.methods.functional import ce_ls
-from kdcache.methods.ofa import ofa_loss
+from kdcache.methods.functional import ce_ls, ofa_loss
 from kdcache.models import build_model, describe
 from kdcache.models.tails import load_tail, save_tail
 
@@ -60,9 +59,14 @@ def _student(alias: str = "resnet18_32", seed: int = 1):
     return s, describe(s)
 
 
-def _fbt(sinfo, tinfo, tail=None, seed: int = 2, **opts) -> FBT:
+def _fbt(sinfo, tinfo, tail=None, seed: int = 2, student=None, **opts) -> FBT:
+    """Build, then attach as the trainer does (the student module, and the teacher tail if any);
+    with neither given the method is left unattached."""
     torch.manual_seed(seed)
-    return FBT(build_options(FBT, opts), sinfo, tinfo, tail=tail)
+    m = FBT(build_options(FBT, opts), sinfo, tinfo)
+    if student is not None or tail is not None:
+        m.attach(student, tail)
+    return m
 
 
 def _targets(logits, embed, stages=None, grad: bool = False) -> TeacherTargets:
@@ -132,9 +136,9 @@ def test_needs_depend_on_the_teacher_family():
 
 def test_construction_errors(swin_teacher):
     tinfo = swin_teacher[0]
-    _, sinfo = _student()
+    student, sinfo = _student()
     with pytest.raises(KDCacheError, match="frozen teacher tail"):
-        _fbt(sinfo, tinfo, tail=None)
+        _fbt(sinfo, tinfo, student=student, tail=None)
     with pytest.raises(KDCacheError, match="negatives"):
         _fbt(sinfo, tinfo, tail=load_tail(swin_teacher[1]), negatives="queue")
 
@@ -146,7 +150,7 @@ def test_tail_direction_gradients(swin_teacher):
     student, sinfo = _student()
     tail = load_tail(path)
     tail_before = {k: v.clone() for k, v in tail.state_dict().items()}
-    m = _fbt(sinfo, tinfo, tail)
+    m = _fbt(sinfo, tinfo, tail, student=student)
     assert not set(map(id, tail.parameters())) & set(map(id, m.parameters()))
     assert not any("tail" in k for k in m.state_dict())  # checkpoints never hold teacher weights
     t = _targets(logits, embed, grad=True)
@@ -169,7 +173,7 @@ def test_tail_direction_gradients(swin_teacher):
 def test_fusion_runs_student_stages_then_l2g_then_teacher_tail(swin_teacher):
     tinfo, path, x, y, logits, embed = swin_teacher
     student, sinfo = _student()
-    m = _fbt(sinfo, tinfo, load_tail(path))
+    m = _fbt(sinfo, tinfo, load_tail(path), student=student)
     out = _run(m, student, x, y, _targets(logits, embed))
     out["loss_tf_ofa"].backward()  # the fusion's logits only
     net = student.net
@@ -182,7 +186,7 @@ def test_fusion_runs_student_stages_then_l2g_then_teacher_tail(swin_teacher):
 def test_first_model_of_a_pair_is_the_detached_target(swin_teacher, target, l2g_learns):
     tinfo, path, x, y, logits, embed = swin_teacher
     student, sinfo = _student()
-    m = _fbt(sinfo, tinfo, load_tail(path), target=target)
+    m = _fbt(sinfo, tinfo, load_tail(path), student=student, target=target)
     out = _run(m, student, x, y, _targets(logits, embed))
     (out["loss_fs_nce"] + out["loss_fs_ofa"]).backward()  # fusion -> student: fusion is the target
     grad = m.l2g.proj.weight.grad
@@ -194,7 +198,7 @@ def test_first_model_of_a_pair_is_the_detached_target(swin_teacher, target, l2g_
 def test_losses_are_the_documented_terms(swin_teacher):
     tinfo, path, x, y, logits, embed = swin_teacher
     student, sinfo = _student()
-    m = _fbt(sinfo, tinfo, load_tail(path), w_nce=0.5, w_ofa=2.0, eps=1.5)
+    m = _fbt(sinfo, tinfo, load_tail(path), student=student, w_nce=0.5, w_ofa=2.0, eps=1.5)
     s = student(x, stages=True)
     out = m(s, _targets(logits, embed), y, epoch=0, step=0, total_epochs=1)
     assert out["loss_ce"].item() == pytest.approx(ce_ls(s.logits, y).item(), rel=1e-6)
@@ -212,7 +216,7 @@ def test_drop_teacher_fusion_removes_the_term(swin_teacher):
     results = {}
     for drop in (False, True):
         student, sinfo = _student()
-        m = _fbt(sinfo, tinfo, tail, drop_teacher_fusion=drop)
+        m = _fbt(sinfo, tinfo, tail, student=student, drop_teacher_fusion=drop)
         out = _run(m, student, x, y, _targets(logits, embed))
         sum(out.values()).backward()
         results[drop] = (m, out)
@@ -233,7 +237,7 @@ def test_teacher_to_fusion_term_trains(swin_teacher):
     tinfo, path, x, y, logits, embed = swin_teacher
     student, sinfo = _student()
     tail = load_tail(path)
-    m = _fbt(sinfo, tinfo, tail)
+    m = _fbt(sinfo, tinfo, tail, student=student)
     opt = torch.optim.AdamW(list(student.parameters()) + list(m.parameters()), lr=2e-3, weight_decay=0.0)
     t = _targets(logits, embed)
     history = []
@@ -254,9 +258,9 @@ def test_cnn_teacher_direction_uses_the_students_tail(convnext_teacher):
     student, sinfo = _student("deit_pico")
     m = _fbt(sinfo, tinfo, tail=None)
     t = _targets(tout.logits, tout.embed, {3: tout.stages[2]}, grad=True)
-    with pytest.raises(KDCacheError, match="bind_student"):
+    with pytest.raises(KDCacheError, match="attach"):
         _run(m, student, x, y, t, stages=False)
-    m.bind_student(student)
+    m.attach(student)
     assert not set(map(id, student.parameters())) & set(map(id, m.parameters()))  # no double registration
     out = _run(m, student, x, y, t, stages=False)
     assert set(out) == NAMES and all(torch.isfinite(v) for v in out.values())
@@ -272,7 +276,8 @@ def test_cnn_teacher_direction_full_step(convnext_teacher):
     tinfo, x, y, tout = convnext_teacher
     student, sinfo = _student("deit_pico")
     torch.manual_seed(2)
-    m = FBT(build_options(FBT), sinfo, tinfo, student_model=student)  # the constructor kwarg binds too
+    m = FBT(build_options(FBT), sinfo, tinfo)
+    m.attach(student, None)  # as the trainer calls it: no teacher tail for a CNN teacher
     out = _run(m, student, x, y, _targets(tout.logits, tout.embed, {3: tout.stages[2]}), stages=False)
     sum(out.values()).backward()
     for name, p in list(m.named_parameters()) + list(student.named_parameters()):
@@ -282,11 +287,34 @@ def test_cnn_teacher_direction_full_step(convnext_teacher):
 
 def test_method_moves_but_never_trains_the_teacher_tail(swin_teacher):
     tinfo, path, *_ = swin_teacher
-    _, sinfo = _student()
+    student, sinfo = _student()
     tail = load_tail(path)
-    m = _fbt(sinfo, tinfo, tail)
+    m = _fbt(sinfo, tinfo, tail, student=student)
     m.train()
     assert not tail.training  # the frozen tail stays in eval mode whatever the method's mode
     m.to(torch.float64)  # .to()/.cuda() on the method carry the (unregistered) tail along
     assert all(p.dtype == torch.float64 for p in tail.parameters())
     assert m.l2g.proj.weight.dtype == torch.float64
+
+
+def test_attach_is_required_and_checks_the_student(swin_teacher, convnext_teacher):
+    tinfo, path, x, y, logits, embed = swin_teacher
+    student, sinfo = _student()
+    m = _fbt(sinfo, tinfo)  # not attached: the fusion has no teacher tail to run
+    with pytest.raises(KDCacheError, match="attach"):
+        _run(m, student, x, y, _targets(logits, embed))
+    ctinfo = convnext_teacher[0]
+    vit, vinfo = _student("deit_pico")
+    m = _fbt(vinfo, ctinfo)
+    with pytest.raises(KDCacheError, match="built for student deit_pico"):
+        m.attach(student)  # a different student than the method was built for
+
+
+def test_attach_after_to_moves_the_teacher_tail_to_the_method(swin_teacher):
+    """The trainer moves the method to its device, then attaches the tail loaded on the CPU."""
+    tinfo, path, *_ = swin_teacher
+    student, sinfo = _student()
+    tail = load_tail(path)
+    m = _fbt(sinfo, tinfo).to(torch.float64)
+    m.attach(student, tail)
+    assert all(p.dtype == torch.float64 and not p.requires_grad for p in tail.parameters())

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
 from kdcache.methods import METHODS, TeacherInfo, TeacherTargets, build_options
-from kdcache.methods.fitnet import FitNet, resize_to
-from kdcache.methods.functional import kl_div
+from kdcache.methods.fitnet import FitNet
+from kdcache.methods.functional import kl_div, resize_to
 from kdcache.models import ModelInfo, ModelOutputs
 
 B, C = 3, 5

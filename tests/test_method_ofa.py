@@ -11,7 +11,8 @@ from torch import nn
 
 from kdcache.errors import KDCacheError
 from kdcache.methods import METHODS, TeacherInfo, TeacherTargets, build_options
-from kdcache.methods.ofa import OFA, ofa_loss
+from kdcache.methods.functional import ofa_loss
+from kdcache.methods.ofa import OFA
 from kdcache.methods.projectors import (CNNStageProjector, PatchMerging, SepConv, TokenStageProjector,
                                         build_stage_projector, merge_count, token_target_grid)
 from kdcache.models import ModelInfo, ModelOutputs

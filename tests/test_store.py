@@ -13,7 +13,7 @@ N, V, C, D = 50, 3, 10, 8
 
 def make_attrs(**kw):
     base = dict(fingerprint={"name": "synthetic", "split": "train", "n": N, "label_hash": "abc"}, recipe="rrc",
-                recipe_version=1, recipe_knobs={}, global_seed=0, num_views=V,
+                recipe_version=1, recipe_knobs={}, view_seed=0, num_views=V,
                 param_names=("y0", "x0", "y1", "x1", "flip"), block_n=16)
     base.update(kw)
     return StoreAttrs(**base)
@@ -53,8 +53,8 @@ def test_create_open_and_fingerprint_mismatch(tmp_path):
     assert Store.open(s.path).attrs == s.attrs
     again = new_store(tmp_path)  # same attrs: opens, no error
     assert again.num_samples == N
-    with pytest.raises(KDCacheError, match="global_seed=0.*asks for 1"):
-        new_store(tmp_path, global_seed=1)
+    with pytest.raises(KDCacheError, match="view_seed=0.*asks for 1"):
+        new_store(tmp_path, view_seed=1)
     with pytest.raises(KDCacheError, match="was made from dataset"):
         s.check_dataset({"name": "cifar10", "split": "train", "n": N, "label_hash": "abc"})
 

@@ -3,7 +3,7 @@
 A cached teacher target is only right for the exact pixels the teacher saw, so every view is
 described twice over:
 
-* a **seed** `mix(global_seed, key_hash(i), v)`, a pure function of the sample's stable key (never
+* a **seed** `mix(view_seed, key_hash(i), v)`, a pure function of the sample's stable key (never
   of its position, of RNG-stream state or of a worker id), so that any subset, order or shard of
   samples gets the same seeds;
 * explicit **params** drawn from that seed: a crop box in normalised source coordinates and a flip
@@ -102,14 +102,14 @@ def key_hashes(keys: Sequence[str]) -> np.ndarray:
     return np.frombuffer(digest, dtype="<u8").astype(np.uint64)
 
 
-def view_seeds(global_seed: int, key_hash: np.ndarray, views: np.ndarray) -> np.ndarray:
-    """uint64 [V, N]: seed of (sample, view) = mix(domain, global_seed, key_hash, v).
+def view_seeds(view_seed: int, key_hash: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """uint64 [V, N]: seed of (sample, view) = mix(domain, view_seed, key_hash, v).
 
     Depends only on those three values, so the seed of a sample does not change when the dataset
     is subset, reordered or split into blocks."""
     kh = _u64(np.asarray(key_hash, dtype=np.uint64)).reshape(1, -1)
     v = np.asarray(views, dtype=np.int64).reshape(-1, 1)
-    return mix(_DOMAIN_VIEW, int(global_seed), kh, v).astype(np.uint64, copy=False)
+    return mix(_DOMAIN_VIEW, int(view_seed), kh, v).astype(np.uint64, copy=False)
 
 
 # --- recipes ---------------------------------------------------------------------------------
@@ -136,6 +136,11 @@ class Recipe:
         """The recipe's settings (JSON-native), stored in the cache's attrs."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in _BASE_FIELDS}
+
+    def views_for_epochs(self, epochs: int) -> int:
+        """The default number of views to draw: every view of an enumerating recipe, else one
+        fresh view per planned epoch (then cached training equals online augmentation)."""
+        return self.default_views if self.enumerates else max(int(epochs), 1)
 
     def check_views(self, num_views: int) -> None:
         """Raise KDCacheError if this recipe cannot have `num_views` views."""
@@ -360,7 +365,7 @@ def get_recipe(name: str, **knobs) -> Recipe:
     return cls(**knobs)
 
 
-def view_table(recipe: Recipe, global_seed: int, keys: Sequence[str], heights, widths,
+def view_table(recipe: Recipe, view_seed: int, keys: Sequence[str], heights, widths,
                num_views: int) -> tuple[np.ndarray, np.ndarray]:
     """(seeds uint64 [V, N], params float32 [V, N, 5]) for views 0..num_views-1 of `keys`."""
     recipe.check_views(num_views)
@@ -372,22 +377,22 @@ def view_table(recipe: Recipe, global_seed: int, keys: Sequence[str], heights, w
     if len(heights) and (heights.min() < 1 or widths.min() < 1):
         raise KDCacheError("view table: every image must be at least 1x1 pixels")
     views = np.arange(int(num_views), dtype=np.int64)
-    seeds = view_seeds(global_seed, key_hashes(keys), views)
+    seeds = view_seeds(view_seed, key_hashes(keys), views)
     return seeds, recipe.params(seeds, views, heights, widths)
 
 
-def epoch_views(recipe: Recipe, num_views: int, global_seed: int, key_hash: np.ndarray,
+def epoch_views(recipe: Recipe, num_views: int, view_seed: int, key_hash: np.ndarray,
                 epoch: int) -> np.ndarray:
     """int64 [N]: the view each sample uses at `epoch`.
 
     An enumerating recipe (cifar) caches every possible view, so each epoch draws one uniformly
-    per sample from mix(global_seed, key, epoch): exactly online random augmentation. A sampling
+    per sample from mix(view_seed, key, epoch): exactly online random augmentation. A sampling
     recipe (rrc) has V planned views and uses view epoch % V for every sample, so with V = epochs
     the cached run sees the same views as the online run with the same seed."""
     recipe.check_views(num_views)
     kh = np.asarray(key_hash, dtype=np.uint64).reshape(-1)
     if recipe.enumerates:
-        return (mix(_DOMAIN_EPOCH, int(global_seed), kh, int(epoch)) % np.uint64(num_views)).astype(np.int64)
+        return (mix(_DOMAIN_EPOCH, int(view_seed), kh, int(epoch)) % np.uint64(num_views)).astype(np.int64)
     return np.full(len(kh), int(epoch) % int(num_views), dtype=np.int64)
 
 

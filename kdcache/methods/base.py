@@ -4,16 +4,21 @@ A method is a small `nn.Module` in its own file. It:
 - declares what it reads from the cache (`needs`), so the trainer can refuse a store that lacks it
   before the first step and print the extract command that adds it;
 - owns its extra trainable modules (projectors, gates, fusion parts), built in `__init__` from the
-  measured shapes of the student (`ModelInfo`) and teacher (`TeacherInfo`);
+  measured shapes of the student (`ModelInfo`) and teacher (`TeacherInfo`), never from modules;
+- receives live modules only through its one declared hook, `attach(student_model, tail)`, which
+  the trainer calls once after construction and before the first step (the student module, and the
+  frozen teacher tail when the method's needs include `tail`); the default does nothing, FBT
+  overrides it. The trainer calls it on every method and never probes for method-specific hooks;
 - maps (student outputs, teacher targets, labels) to a dict of named losses; the trainer sums the
   dict and logs every entry by name.
 Options are a typed dataclass per method; `--opt key=value` on the command line overrides them.
+`Needs`, `TeacherInfo` and `TeacherTargets` live in `kdcache.targets` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,54 +27,7 @@ from torch import nn
 from kdcache.errors import KDCacheError
 from kdcache.models import ModelInfo, ModelOutputs
 from kdcache.registry import Registry
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a method reads from the teacher's cache. `stages` are 1-based stage numbers."""
-
-    logits: bool = False
-    embed: bool = False
-    stages: tuple[int, ...] = ()
-    tail: bool = False  # the frozen teacher tail (last stage + norm + head), FBT
-    student_stages: bool = False  # the student's four stage maps (projector-based methods)
-
-    def union(self, other: "Needs") -> "Needs":
-        return Needs(
-            logits=self.logits or other.logits,
-            embed=self.embed or other.embed,
-            stages=tuple(sorted(set(self.stages) | set(other.stages))),
-            tail=self.tail or other.tail,
-            student_stages=self.student_stages or other.student_stages,
-        )
-
-    @property
-    def teacher(self) -> bool:
-        return self.logits or self.embed or bool(self.stages) or self.tail
-
-
-@dataclass(frozen=True)
-class TeacherInfo:
-    """The teacher as the store describes it (no teacher weights needed at train time)."""
-
-    alias: str
-    family: str
-    num_classes: int
-    embed_dim: int
-    input_size: int
-    stage_shapes: tuple[tuple[int, int, int], ...] = ()  # (C, H, W) of stages 1..4 at input_size
-
-
-@dataclass
-class TeacherTargets:
-    """The teacher's outputs for the batch's views (fp32 on the training device).
-
-    `stages` maps a 1-based stage number to an NCHW tensor (possibly pooled to a coarser grid).
-    """
-
-    logits: torch.Tensor | None = None
-    embed: torch.Tensor | None = None
-    stages: dict[int, torch.Tensor] = field(default_factory=dict)
+from kdcache.targets import Needs, TeacherInfo, TeacherTargets
 
 
 class Method(nn.Module):
@@ -80,12 +38,16 @@ class Method(nn.Module):
     NEEDS: ClassVar[Needs] = Needs()
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}  # named option sets, `--method NAME:PRESET`
 
-    def __init__(self, opts: Any, student: ModelInfo, teacher: TeacherInfo | None,
-                 tail: nn.Module | None = None):
+    def __init__(self, opts: Any, student: ModelInfo, teacher: TeacherInfo | None):
         super().__init__()
         self.opts = opts
         self.student_info = student
         self.teacher_info = teacher
+
+    def attach(self, student_model: nn.Module, tail: nn.Module | None = None) -> None:
+        """Called once by the trainer after construction and before the first step, with the student
+        module and (when the method's needs include `tail`) the frozen teacher tail. The default
+        does nothing; a method that runs live modules (FBT) overrides it."""
 
     @classmethod
     def needs(cls, opts: Any, teacher_family: str | None = None, student_family: str | None = None) -> Needs:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdcache.methods.base import Method, Needs, register_method
+from kdcache.methods.base import Method, register_method
 from kdcache.methods.functional import ce_ls
+from kdcache.targets import Needs
 
 
 @register_method

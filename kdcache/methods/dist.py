@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdcache.methods.base import Method, Needs, register_method
+from kdcache.methods.base import Method, register_method
 from kdcache.methods.functional import ce_ls
+from kdcache.targets import Needs
 
 EPS = 1e-8
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdcache.methods.base import Method, Needs, register_method
+from kdcache.methods.base import Method, register_method
 from kdcache.methods.functional import ce_ls
+from kdcache.targets import Needs
 
 MASK = 1000.0  # subtracted from the scaled target logit before the NCKD softmax
 

@@ -7,18 +7,21 @@ local -> global). Which networks' parts, by the teacher's family:
 - transformer/MLP teacher (family != "cnn") -> any student: `F = teacher_tail(L2G(F_s^3))`, with
   `F_s^3` the student's stage-3 map (so F shares the student's stages 1-3) and `teacher_tail` the
   teacher's last stage + final norm + head, loaded frozen from the cache (`tail.safetensors`) and
-  passed to the constructor as `tail`. Gradients flow through it to L2G and the student, never into
-  its weights. Needs: logits, embed, tail, student stage maps.
+  handed over by `attach(student_model, tail)`, which freezes it and moves it to the method's device
+  and dtype. FBT keeps it unregistered (out of checkpoints and the optimiser), a later `.to()` on
+  the method moves it along, and gradients flow through it to L2G and the student, never into its
+  weights. Needs: logits, embed, tail, student stage maps.
 - CNN teacher -> any student: `F = student_tail(L2G(F_t^3))`, with `F_t^3` the teacher's cached
   stage-3 map and `student_tail = tail_of(student)` (the student's own last stage + norm + head,
-  shared, so it trains). This needs the student module itself: pass it as `student_model=` to the
-  constructor or call `bind_student(model)` before the first step (the trainer calls
-  `bind_student` on any method that has it). Needs: logits, embed, teacher stage 3.
+  shared, so it trains). `attach(student_model)` binds it (no teacher tail is needed or used).
+  Needs: logits, embed, teacher stage 3.
+The trainer calls `attach` (the `Method` hook) once after construction and before the first step;
+`forward` and `fuse` refuse to run before it.
 
 Knowledge `K_m = {f_m, p_m}` (pooled pre-logit feature, logits) for m in teacher t, student s and
 fusion f. `L = w_gt * CE_ls(z_s, y) + L(K_t, K_s) + L(K_t, K_f) + L(K_f, K_s)` with
 `L(K_i, K_j) = w_nce * InfoNCE(f_i, f_j) + w_ofa * OFA(p_i -> p_j)` (OFA's target-enhanced soft CE,
-`kdcache.methods.ofa.ofa_loss`, the student-side logits p_j against target p_i).
+`kdcache.methods.functional.ofa_loss`, the student-side logits p_j against target p_i).
 Named losses: loss_ce, loss_{ts,tf,fs}_{nce,ofa}. `drop_teacher_fusion=True` removes L(K_t, K_f)
 (the paper's ablation, 81.61 -> 25.57).
 
@@ -52,10 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.methods.base import Method, Needs, register_method
-from kdcache.methods.fitnet import resize_to
-from kdcache.methods.functional import ce_ls
-from kdcache.methods.ofa import ofa_loss
+from kdcache.methods.base import Method, register_method
+from kdcache.methods.functional import ce_ls, ofa_loss, resize_to
+from kdcache.targets import Needs
 
 PAIRS = ("ts", "tf", "fs")  # (target, second) model pairs: teacher, student, fusion
 NEGATIVES = ("batch", "batch+intra")
@@ -164,8 +166,8 @@ class FBT(Method):
             return Needs(logits=True, embed=True, stages=(3,))
         return cls.NEEDS
 
-    def __init__(self, opts, student, teacher, tail=None, student_model=None):
-        super().__init__(opts, student, teacher, tail)
+    def __init__(self, opts, student, teacher):
+        super().__init__(opts, student, teacher)
         if opts.negatives not in NEGATIVES or opts.target not in TARGETS:
             raise KDCacheError(f"fbt options negatives={opts.negatives!r} target={opts.target!r}",
                                expected=f"negatives in {NEGATIVES}, target in {TARGETS}",
@@ -181,18 +183,13 @@ class FBT(Method):
                                expected="stage_shapes measured by a dummy forward")
         self.direction = "stage" if teacher.family == "cnn" else "tail"
         if self.direction == "tail":
-            if tail is None:
-                raise KDCacheError(f"fbt with a {teacher.family} teacher needs the frozen teacher tail",
-                                   expected="tail.safetensors in the teacher's cache (kdcache.models.tails.load_tail)",
-                                   fix=f"kdcache extract --teacher {teacher.alias} --methods fbt")
-            tail = tail.freeze() if hasattr(tail, "freeze") else tail.requires_grad_(False).eval()
             in_shape, out_shape, fused_dim = student.stage_shapes[2], teacher.stage_shapes[2], teacher.embed_dim
         else:
-            tail = None  # the student's own tail comes from bind_student
             in_shape, out_shape, fused_dim = teacher.stage_shapes[2], student.stage_shapes[2], student.embed_dim
         # Neither tail is a registered child: the teacher's must stay out of checkpoints and the
         # optimiser, the student's is already the student's. `_apply` moves the teacher tail along.
-        object.__setattr__(self, "_teacher_tail", tail)
+        # Both are set by `attach`, the one the direction uses.
+        object.__setattr__(self, "_teacher_tail", None)
         object.__setattr__(self, "_student_tail", None)
         self.l2g = L2G(tuple(in_shape), tuple(out_shape), opts.l2g_window, opts.l2g_head_dim)
         self.proj = nn.ModuleDict({"t": nn.Linear(teacher.embed_dim, opts.proj_dim),
@@ -207,8 +204,6 @@ class FBT(Method):
             self.log_scale = nn.Parameter(init)
         else:
             self.register_buffer("log_scale", init)
-        if student_model is not None:
-            self.bind_student(student_model)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -216,22 +211,41 @@ class FBT(Method):
             self._teacher_tail._apply(fn, *args, **kwargs)
         return self
 
-    def bind_student(self, model) -> None:
-        """Give FBT the student module (a TapModel); with a CNN teacher the fusion runs the
-        student's own tail (shared weights). A no-op for a transformer/MLP teacher."""
-        if self.direction != "stage":
+    def attach(self, student_model: nn.Module, tail: nn.Module | None = None) -> None:
+        """The `Method` hook (called once by the trainer after construction, before the first step).
+
+        Transformer/MLP teacher ("tail" direction): `tail` is the teacher tail and is required; it is
+        frozen, kept unregistered and moved to the method's device and dtype. CNN teacher ("stage"
+        direction): binds `tail_of(student_model)`, the student's own tail (shared weights, it
+        trains); `tail` is not used.
+        """
+        if self.direction == "tail":
+            teacher = self.teacher_info
+            if tail is None:
+                raise KDCacheError(f"fbt with a {teacher.family} teacher needs the frozen teacher tail",
+                                   expected="tail.safetensors in the teacher's cache (kdcache.models.tails.load_tail)",
+                                   fix=f"kdcache extract --teacher {teacher.alias} --methods fbt")
+            tail = tail.freeze() if hasattr(tail, "freeze") else tail.requires_grad_(False).eval()
+            ref = self.l2g.proj.weight
+            object.__setattr__(self, "_teacher_tail", tail.to(device=ref.device, dtype=ref.dtype))
             return
         from kdcache.models.tails import tail_of
 
-        if getattr(model, "spec", None) is not None and model.spec.alias != self.student_info.alias:
-            raise KDCacheError(f"fbt was built for student {self.student_info.alias}, bound to {model.spec.alias}")
-        object.__setattr__(self, "_student_tail", tail_of(model))
+        spec = getattr(student_model, "spec", None)
+        if spec is not None and spec.alias != self.student_info.alias:
+            raise KDCacheError(f"fbt was built for student {self.student_info.alias}, attached to {spec.alias}",
+                               fix="attach the student module the method was built for")
+        object.__setattr__(self, "_student_tail", tail_of(student_model))
 
     def scale(self, pair: str) -> torch.Tensor:
         return self.log_scale[self.pairs.index(pair)].exp().clamp(max=MAX_SCALE)
 
     def fuse(self, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fusion model's (pooled feature, logits)."""
+        """The fusion model's (pooled feature, logits); needs `attach` first."""
+        if (self._teacher_tail if self.direction == "tail" else self._student_tail) is None:
+            needed = "the frozen teacher tail" if self.direction == "tail" else "the student module for its tail"
+            raise KDCacheError(f"fbt ({self.direction} direction) has not been attached: it needs {needed}",
+                               fix="call method.attach(student_model, tail) first, once, before the first step")
         if self.direction == "tail":
             if student.stages is None:
                 raise KDCacheError("fbt got no student stage maps", fix="run the student with stages=True")
@@ -239,9 +253,6 @@ class FBT(Method):
         if 3 not in teacher.stages:
             raise KDCacheError(f"fbt needs the teacher's stage-3 map, the batch has {sorted(teacher.stages) or 'none'}",
                                fix="re-extract the teacher with --methods fbt")
-        if self._student_tail is None:
-            raise KDCacheError("fbt with a CNN teacher needs the student module for its tail",
-                               fix="call method.bind_student(student) (or pass student_model=) before training")
         return self._student_tail(self.l2g(teacher.stages[3].detach().float()))
 
     def pair_losses(self, pair: str, first: tuple, second: tuple, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -28,20 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.methods.base import Method, Needs, register_method
-from kdcache.methods.functional import ce_ls, kl_div
+from kdcache.methods.base import Method, register_method
+from kdcache.methods.functional import ce_ls, kl_div, resize_to
+from kdcache.targets import Needs
 
 RESIZES = ("pool", "bilinear")
-
-
-def resize_to(x: torch.Tensor, size: tuple[int, int], mode: str = "pool") -> torch.Tensor:
-    """Resize an NCHW map to `size` (H, W): adaptive average pooling when shrinking (mode "pool"),
-    bilinear interpolation otherwise or always (mode "bilinear")."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if mode == "pool" and x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(x, size)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
@@ -68,8 +59,8 @@ class FitNet(Method):
     def needs(cls, opts, teacher_family=None, student_family=None) -> Needs:
         return Needs(logits=opts.w_kd > 0, stages=tuple(opts.stages), student_stages=True)
 
-    def __init__(self, opts, student, teacher, tail=None):
-        super().__init__(opts, student, teacher, tail)
+    def __init__(self, opts, student, teacher):
+        super().__init__(opts, student, teacher)
         bad = [s for s in opts.stages if s not in (1, 2, 3, 4)]
         if bad or not opts.stages or len(set(opts.stages)) != len(opts.stages):
             raise KDCacheError(f"fitnet stages {opts.stages!r} are not distinct stage numbers 1..4",

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.methods.base import Method, Needs, register_method
+from kdcache.methods.base import Method, register_method
 from kdcache.methods.functional import ce_ls, kl_div
-from kdcache.methods.ofa import check_pair, check_stages
-from kdcache.methods.projectors import build_stage_projectors, init_projector_weights
+from kdcache.methods.projectors import build_stage_projectors, check_pair, check_stages, init_projector_weights
+from kdcache.targets import Needs
 
 
 def class_relation(s: torch.Tensor) -> torch.Tensor:
@@ -94,8 +94,8 @@ class MLDR(Method):
         gate_hidden: int = 0  # 0: 4 * num_classes
         label_smoothing: float = 0.1
 
-    def __init__(self, opts, student, teacher, tail=None):
-        super().__init__(opts, student, teacher, tail)
+    def __init__(self, opts, student, teacher):
+        super().__init__(opts, student, teacher)
         check_stages(self.name, tuple(opts.stages))
         check_pair(self.name, student, teacher)
         if opts.gate_hidden < 0:

@@ -3,9 +3,10 @@
 
 `w_gt * CE_ls(z_s, y) + w_kd * ofa(z_s, z_t; eps) + w_ofa * sum_{i in stages} ofa(P_i(F_s^i), z_t; eps_i)`
 with `ofa(z, z_t) = mean_b(-sum_c [(p_t + m)^eps - m]_c * log_softmax(z/T)_c)`, `m = onehot(y)`, no T^2
-(the authors' code). `P_i` is OFA's stage projector (kdcache.methods.projectors: SepConv stack for
-CNN students, patch merging + transformer blocks for ViT/MLP/Swin students) followed by
-Linear(out_dim, C); the heads are discarded after training.
+(the authors' code; `kdcache.methods.functional.ofa_loss`, shared with fbt). `P_i` is OFA's stage
+projector (kdcache.methods.projectors: SepConv stack for CNN students, patch merging + transformer
+blocks for ViT/MLP/Swin students) followed by Linear(out_dim, C); the heads are discarded after
+training.
 
 Options: `eps` is the last (logit) branch's eps; `stage_eps` gives one eps per entry of `stages`
 (empty: every stage uses `eps`). Presets: `cifar` (eps 1, weights 1: Swin-T -> ResNet18 on CIFAR),
@@ -17,44 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.methods.base import Method, Needs, register_method
-from kdcache.methods.functional import ce_ls
-from kdcache.methods.projectors import build_stage_projectors, init_projector_weights
-
-
-def ofa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             eps: float = 1.0, T: float = 1.0) -> torch.Tensor:
-    """OFA's modulated loss: `mean_b(-sum_c [(p_t + m)^eps - m]_c * log_softmax(z/T)_c)`.
-
-    `m = onehot(y)`, `p_t = softmax(z_t/T)`; no T^2 factor. eps=1 is soft-label CE with the teacher's
-    probabilities. The teacher side is a constant (detached); softmax in fp32.
-    """
-    log_p = F.log_softmax(logits.float() / T, dim=1)
-    p_t = F.softmax(teacher_logits.detach().float() / T, dim=1)
-    m = F.one_hot(labels, num_classes=log_p.shape[1]).to(log_p.dtype)
-    target = (p_t + m).pow(eps) - m
-    return -(target * log_p).sum(1).mean()
-
-
-def check_stages(method: str, stages: tuple[int, ...]) -> None:
-    """Stages must be distinct numbers 1..4 (shared by ofa, mldr, hcd)."""
-    if not stages or len(set(stages)) != len(stages) or any(s not in (1, 2, 3, 4) for s in stages):
-        raise KDCacheError(f"{method} stages {stages!r} are not distinct stage numbers 1..4",
-                           expected="e.g. stages=(1,2,3,4)", fix="--opt stages=1,2,3,4")
-
-
-def check_pair(method: str, student, teacher) -> None:
-    """A projector method needs the student's four stage shapes and a described teacher."""
-    if teacher is None:
-        raise KDCacheError(f"method {method} distils from a teacher, but none was described",
-                           fix=f"kdcache train --method {method} --teacher NAME ...")
-    if len(student.stage_shapes) < 4:
-        raise KDCacheError(f"{method} needs the student's four stage shapes, {student.alias} has "
-                           f"{len(student.stage_shapes)}", expected="four (C, H, W) entries from describe()")
+from kdcache.methods.base import Method, register_method
+from kdcache.methods.functional import ce_ls, ofa_loss
+from kdcache.methods.projectors import build_stage_projectors, check_pair, check_stages, init_projector_weights
+from kdcache.targets import Needs
 
 
 @register_method
@@ -76,8 +46,8 @@ class OFA(Method):
         stage_eps: tuple[float, ...] = ()  # one per stage in `stages`; empty: all equal to eps
         label_smoothing: float = 0.1
 
-    def __init__(self, opts, student, teacher, tail=None):
-        super().__init__(opts, student, teacher, tail)
+    def __init__(self, opts, student, teacher):
+        super().__init__(opts, student, teacher)
         check_stages(self.name, tuple(opts.stages))
         check_pair(self.name, student, teacher)
         if opts.stage_eps and len(opts.stage_eps) != len(opts.stages):

@@ -1,4 +1,5 @@
-"""OFA-KD's stage projectors, shared by ofa, mldr and hcd (methods.md, "OFA-KD").
+"""OFA-KD's stage projectors, shared by ofa, mldr and hcd (methods.md, "OFA-KD"), and the checks
+those methods share on their options and on the (student, teacher) pair (`check_stages`, `check_pair`).
 
 A projector maps one student stage map (NCHW, as `ModelOutputs.stages` gives for every family) to a
 pooled descriptor (B, out_dim). Each method adds what it needs on top: OFA and MLDR a
@@ -34,6 +35,23 @@ from kdcache.models import ModelInfo
 
 TOKEN_FAMILIES = ("vit", "mlp", "swin")
 HIERARCHICAL_FAMILIES = ("cnn", "swin")
+
+
+def check_stages(method: str, stages: tuple[int, ...]) -> None:
+    """Stages must be distinct numbers 1..4 (shared by ofa, mldr, hcd)."""
+    if not stages or len(set(stages)) != len(stages) or any(s not in (1, 2, 3, 4) for s in stages):
+        raise KDCacheError(f"{method} stages {stages!r} are not distinct stage numbers 1..4",
+                           expected="e.g. stages=(1,2,3,4)", fix="--opt stages=1,2,3,4")
+
+
+def check_pair(method: str, student, teacher) -> None:
+    """A projector method needs the student's four stage shapes and a described teacher."""
+    if teacher is None:
+        raise KDCacheError(f"method {method} distils from a teacher, but none was described",
+                           fix=f"kdcache train --method {method} --teacher NAME ...")
+    if len(student.stage_shapes) < 4:
+        raise KDCacheError(f"{method} needs the student's four stage shapes, {student.alias} has "
+                           f"{len(student.stage_shapes)}", expected="four (C, H, W) entries from describe()")
 
 
 def init_projector_weights(module: nn.Module) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,14 +183,6 @@ def load_checkpoint_weights(model: TapModel, path: str | Path) -> dict[str, Any]
             fix="pass the checkpoint that was trained for this model alias",
         )
     return blob if isinstance(blob, dict) else {}
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
+from kdcache.files import atomic_write
 from kdcache.models.registry import MODELS, TapModel, build_model
 
 FORMAT = "kdcache-tail"
@@ -171,9 +172,7 @@ def save_tail(model: TapModel, num_classes: int, path: str | Path) -> Path:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

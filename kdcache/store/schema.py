@@ -23,6 +23,27 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
+# Every array and file name of the layout above, spelled once.
+LABELS = "samples/label"
+KEY_HASH = "samples/key_hash"
+VIEW_SEEDS = "views/seed"
+VIEW_PARAMS = "views/params"
+LOGITS = "logits"
+LOGITS_IDS, LOGITS_VALS, LOGITS_LSE = "logits_ids", "logits_vals", "logits_lse"
+EMBED = "embed"
+DONE = "done"
+TAIL_FILE = "tail.safetensors"
+TEACHERS = "teachers"
+
+
+def stage_array(k: int) -> str:
+    """The array of 1-based stage k's maps inside a teacher group."""
+    return f"stages/s{k}"
+
+
+def teacher_group(alias: str) -> str:
+    return f"{TEACHERS}/{alias}"
+
 
 def store_path(root: str | Path, dataset: str, split: str = "train") -> Path:
     return Path(root) / dataset / f"{split}.zarr"
@@ -30,13 +51,13 @@ def store_path(root: str | Path, dataset: str, split: str = "train") -> Path:
 
 @dataclass(frozen=True)
 class StoreAttrs:
-    """What fixes the views: the dataset fingerprint, the recipe and the global seed."""
+    """What fixes the views: the dataset fingerprint, the recipe and the view seed."""
 
     fingerprint: dict[str, Any]
     recipe: str
     recipe_version: int
     recipe_knobs: dict[str, Any]
-    global_seed: int
+    view_seed: int
     num_views: int
     param_names: tuple[str, ...]
     block_n: int  # samples per write block (= chunk length along N of the per-view arrays)
@@ -88,6 +109,8 @@ def to_attrs(record: Any) -> dict[str, Any]:
 def from_attrs(cls: type, data: dict[str, Any]) -> Any:
     """JSON dict -> dataclass, turning lists back into tuples where the field is a tuple."""
     names = {f.name for f in dataclasses.fields(cls)}
+    if "global_seed" in data and "view_seed" in names:  # schema 1 stores named the view seed global_seed
+        data = {**data, "view_seed": data["global_seed"]}
 
     def tup(v: Any) -> Any:
         return tuple(tup(x) for x in v) if isinstance(v, list) else v

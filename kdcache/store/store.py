@@ -19,6 +19,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import KDCacheError
+from kdcache.files import locked
 from kdcache.store.schema import StoreAttrs, TeacherAttrs, from_attrs, jsonable, to_attrs
 
 CHECKSUM = [Crc32cCodec()]
@@ -95,7 +96,7 @@ class Store:
 
     def check_matches(self, want: StoreAttrs) -> None:
         have = self.attrs
-        for field in ("fingerprint", "recipe", "recipe_version", "recipe_knobs", "global_seed", "num_views"):
+        for field in ("fingerprint", "recipe", "recipe_version", "recipe_knobs", "view_seed", "num_views"):
             a, b = getattr(have, field), getattr(want, field)
             if jsonable(a) != jsonable(b):
                 raise KDCacheError(
@@ -145,8 +146,6 @@ class Store:
 
     def create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
         """Create the teacher's arrays (or open them when an earlier run created the same)."""
-        from kdcache.results import locked
-
         # One creator at a time; others then open it. The lock sits beside the store, not in it, so
         # zarr never lists it as a member of the hierarchy.
         with locked(self.path.with_name(self.path.name + ".create-teacher")):

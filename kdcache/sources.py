@@ -1,0 +1,157 @@
+"""Where a training step's teacher targets come from: the one question the loop asks.
+
+Three sources answer "targets of these samples, at this epoch's views":
+- `NoTargets`: no teacher (teacher training, `ce`);
+- `CachedTargets`: the store; logits, embeddings and small stage maps are read whole at the start
+  of each epoch (in the stored dtype, widened per batch), larger stage maps are streamed a window
+  of chunks at a time (`store/stream.py`);
+- `OnlineTargets`: the teacher runs live on the same views, rendered at its own resolution (the
+  reference of every equivalence test and the speed anchor of the benchmark).
+
+Every source also fixes the epoch's sample order: a plain shuffle, or a chunk-aware quasi-random
+order when stage maps are streamed. The online source uses the same order as the cached one, so
+the two feed the student identical batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdcache.data.loader import RenderSpec
+from kdcache.errors import KDCacheError
+from kdcache.models.teacher import load_teacher, teacher_forward
+from kdcache.store import Store, TeacherCache
+from kdcache.store.schema import EMBED, LOGITS, TAIL_FILE, stage_array
+from kdcache.store.stream import WindowedStageReader, quasi_random_order
+from kdcache.targets import Needs, TeacherInfo, TeacherTargets
+
+
+def teacher_info(cache: TeacherCache) -> TeacherInfo:
+    """The teacher as its cache describes it: what a method needs to build its projectors."""
+    a = cache.attrs
+    return TeacherInfo(alias=a.alias, family=a.family, num_classes=a.num_classes, embed_dim=a.embed_dim,
+                       input_size=a.input_size, stage_shapes=a.stage_shapes)
+
+
+def check_cache_serves(cache: TeacherCache, store: Store, needs: Needs, method: str, dataset: str,
+                       store_root: str) -> None:
+    """Refuse, before the first step, a cache that lacks what the method reads; name the extract
+    command that adds it."""
+    a = cache.attrs
+    lacking = sorted(set(needs.stages) - set(a.stored_stages))
+    stages = ",".join(map(str, sorted(set(needs.stages) | set(a.stored_stages))))
+    fix = (f"kdcache extract --teacher {a.alias} --dataset {dataset} --methods {method}"
+           + (f" --stages {stages}" if needs.stages else "")
+           + f" --store-root {store_root}   (after deleting {cache.path})")
+    missing = []
+    if lacking:
+        missing.append(f"teacher stage maps {lacking} (the store has {list(a.stored_stages) or 'none'})")
+    elif needs.stages and a.stage_views < store.attrs.num_views:
+        missing.append(f"stage maps for all {store.attrs.num_views} views (only {a.stage_views} have them)")
+    if needs.tail and not (cache.path / TAIL_FILE).is_file():
+        missing.append(f"the frozen teacher tail ({TAIL_FILE})")
+    if missing:
+        raise KDCacheError(f"method {method} needs " + "; ".join(missing) + f" in {store.path}", fix=fix)
+
+
+def held_target_names(cache: TeacherCache, needs: Needs, ram_budget_bytes: int) -> tuple[str, ...]:
+    """What to read whole at the start of each epoch: logits and embeddings always (small), and
+    stage maps too while one epoch's worth fits the budget; larger maps are streamed per batch."""
+    names = [n for n, want in ((LOGITS, needs.logits), (EMBED, needs.embed)) if want]
+    for k in needs.stages:
+        arr = cache.group[stage_array(k)]
+        if arr.shape[1] * int(np.prod(arr.shape[2:])) * 4 <= ram_budget_bytes:
+            names.append(stage_array(k))
+    return tuple(names)
+
+
+class NoTargets:
+    """No teacher: a plain shuffle, no targets."""
+
+    render_specs: tuple[RenderSpec, ...] = ()
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+        return torch.randperm(self.n, generator=shuffle).numpy()
+
+    def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> None:
+        return None
+
+    def end_epoch(self) -> None:
+        pass
+
+
+class CachedTargets(NoTargets):
+    """Targets read from a teacher's cache for each epoch's views."""
+
+    def __init__(self, cache: TeacherCache, needs: Needs, n: int, device: torch.device, ram_budget_bytes: int,
+                 window_chunks: int):
+        super().__init__(n)
+        self.cache, self.needs, self.device, self.window_chunks = cache, needs, device, window_chunks
+        self.held_names = held_target_names(cache, needs, ram_budget_bytes)
+        self.streamed = tuple(k for k in needs.stages if stage_array(k) not in self.held_names)
+        self.held: dict[str, np.ndarray] = {}
+        self.stream: WindowedStageReader | None = None
+
+    def epoch_order(self, shuffle: torch.Generator) -> np.ndarray:
+        if not self.streamed:
+            return torch.randperm(self.n, generator=shuffle).numpy()
+        chunk = self.cache.group[stage_array(self.streamed[0])].chunks[1]
+        return quasi_random_order(self.n, chunk, self.window_chunks, shuffle)
+
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+        order = self.epoch_order(shuffle)
+        self.held = self.cache.epoch_targets(view_ids, self.held_names)
+        if self.streamed:
+            chunk = self.cache.group[stage_array(self.streamed[0])].chunks[1]
+            self.stream = WindowedStageReader(self.cache, self.streamed, view_ids, order, chunk * self.window_chunks)
+        return order
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device, non_blocking=True)
+
+    def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> TeacherTargets:
+        t = TeacherTargets()
+        if LOGITS in self.held:
+            t.logits = self._tensor(self.held[LOGITS][idx])
+        if EMBED in self.held:
+            t.embed = self._tensor(self.held[EMBED][idx])
+        streamed = self.stream.batch(idx) if self.stream is not None else {}
+        for k in self.needs.stages:
+            held = self.held.get(stage_array(k))
+            t.stages[k] = self._tensor(held[idx] if held is not None else streamed[k])
+        return t
+
+    def end_epoch(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.held = {}
+
+
+class OnlineTargets(CachedTargets):
+    """The teacher live on the same views (rendered at its own size), in the cached source's order."""
+
+    def __init__(self, cache: TeacherCache, needs: Needs, n: int, device: torch.device, ram_budget_bytes: int,
+                 window_chunks: int, dataset: str, num_classes: int, checkpoint: str | None, checkpoint_dir: str):
+        # the same budget as the cached run decides held vs streamed maps, hence the same order
+        super().__init__(cache, needs, n, device, ram_budget_bytes, window_chunks)
+        a = cache.attrs
+        self.teacher, _ = load_teacher(a.alias, dataset, num_classes, checkpoint or a.checkpoint, False,
+                                       checkpoint_dir, a.mean, a.std)
+        self.teacher.to(device).eval()
+        self.render_specs = (RenderSpec(a.input_size, tuple(a.mean), tuple(a.std)),)
+        self.grid = a.stage_grid
+
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+        return self.epoch_order(shuffle)
+
+    def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> TeacherTargets:
+        lg, em, st = teacher_forward(self.teacher, views[1], self.device, self.needs.stages, self.grid)
+        return TeacherTargets(self._tensor(lg), self._tensor(em), {k: self._tensor(v) for k, v in st.items()})
+
+    def end_epoch(self) -> None:
+        pass
