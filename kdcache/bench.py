@@ -93,7 +93,8 @@ def _measure_online(cfg, root):
 
 def _measure_extract(cfg, root, topk: int = 0, cache: str = "cache"):
     from kdcache.extract import ExtractConfig, run_extract
-    from kdcache.inspect import store_summary
+    from kdcache.store.schema import EMBED, LOGITS
+    from kdcache.store.summary import store_summary
 
     def extract(store_root: Path, views: int, subset: int):
         return run_extract(ExtractConfig(
@@ -107,8 +108,8 @@ def _measure_extract(cfg, root, topk: int = 0, cache: str = "cache"):
     r = extract(root / cache, cfg.views, cfg.subset)
     s = store_summary(r.store)["teachers"][cfg.teacher]
     return {"images_per_s": r.images_per_s, "device": cfg.device if cfg.device != "auto" else _auto(),
-            "logits_bytes_per_view": sum(s["arrays"][a]["bytes_per_view"] for a in s["arrays"] if a.startswith("logits")),
-            "embed_bytes_per_view": s["arrays"]["embed"]["bytes_per_view"], "num_classes": None}
+            "logits_bytes_per_view": sum(s["arrays"][a]["bytes_per_view"] for a in s["arrays"] if a.startswith(LOGITS)),
+            "embed_bytes_per_view": s["arrays"][EMBED]["bytes_per_view"], "num_classes": None}
 
 
 def _measure_extract_topk(cfg, root):

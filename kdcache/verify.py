@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
 from kdcache.store import Store
+from kdcache.store.schema import DONE, EMBED, LOGITS, VIEW_PARAMS, stage_array
 
 
 @dataclass
@@ -42,7 +43,7 @@ class VerifyReport:
 def scan_chunks(cache) -> tuple[int, list[str]]:
     """Read every chunk of every array of one teacher; return (count, damaged descriptions)."""
     damaged, count = [], 0
-    names = [*cache.logit_arrays, "embed", "done"] + [f"stages/s{k}" for k in cache.attrs.stored_stages]
+    names = [*cache.logit_arrays, EMBED, DONE] + [stage_array(k) for k in cache.attrs.stored_stages]
     for name in names:
         arr = cache.group[name]
         grid = [range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)]
@@ -55,7 +56,7 @@ def scan_chunks(cache) -> tuple[int, list[str]]:
                 chunk = "/".join(map(str, coords))
                 where = f"view {coords[0]}, samples {sel[1].start}-{sel[1].stop}" if len(coords) > 1 else ""
                 damaged.append(f"{cache.path / name}/c/{chunk} ({where}): {type(exc).__name__}: {exc}")
-    damaged += [f"{m}: missing" for m in cache.missing_chunks(tuple(n for n in names if n != "done"))]
+    damaged += [f"{m}: missing" for m in cache.missing_chunks(tuple(n for n in names if n != DONE))]
     return count, damaged
 
 
@@ -98,11 +99,11 @@ def verify_store(path: str | Path, teacher: str | None = None, samples: int = 64
             views = rng.integers(0, cache.num_views, k)
             keep = np.array([done[v, i // cache.block_n] for v, i in zip(views, idx)])
             idx, views = idx[keep], views[keep]
-            params = np.stack([store.group["views/params"][int(v), int(i)] for v, i in zip(views, idx)]) \
+            params = np.stack([store.group[VIEW_PARAMS][int(v), int(i)] for v, i in zip(views, idx)]) \
                 if len(idx) else np.zeros((0, 5), np.float32)
             spec = RenderSpec(a.input_size, tuple(a.mean), tuple(a.std))
-            cached_logits = cache.read_pairs("logits", views, idx)
-            cached_embed = cache.read_pairs("embed", views, idx)
+            cached_logits = cache.read_pairs(LOGITS, views, idx)
+            cached_embed = cache.read_pairs(EMBED, views, idx)
             live_l, live_e = [], []
             for (x,), _ in iter_views(ds, idx, params, [spec], 256, dev):
                 lg, em, _ = teacher_forward(model, x, dev, (), 0)

@@ -77,12 +77,12 @@ def test_all_pipelines_load_and_plan():
 def test_cifar100_dry_run_plan_without_data_or_gpu(tmp_path, monkeypatch):
     """The full cifar100 plan, with forwards saved (epochs x N per run, minus views x N per teacher)
     and storage (views x N x (C + D_t) x 2 bytes); no data, no GPU, nothing written."""
-    import kdcache.sweep as sweep
+    import kdcache.sweep.plan as sweep_plan
     from kdcache.models import ModelInfo
 
     widths = {"swin_t": 768, "vit_s": 384, "mixer_b16": 768, "convnext_t": 768}
     stage3 = (384, 14, 14)
-    monkeypatch.setattr(sweep, "_teacher_shapes", lambda alias, c: ModelInfo(
+    monkeypatch.setattr(sweep_plan, "teacher_shapes", lambda alias, c: ModelInfo(
         alias, "x", 224, c, widths[alias], ((96, 56, 56), (192, 28, 28), stage3, (768, 7, 7))))
     console = _console()
     summary = run_sweep(PIPELINES / "cifar100.toml", dry_run=True, workdir=tmp_path, console=console)
@@ -99,7 +99,9 @@ def test_cifar100_dry_run_plan_without_data_or_gpu(tmp_path, monkeypatch):
     for t in trains:
         assert t.status in ("todo", "unavailable"), t
     text = _text(console)
-    assert "teacher fwd saved" in text and "15.00M" in text and "-15.00M" in text
+    # an extraction's forwards are a cost in their own column, never a negative saving
+    assert "teacher fwd saved" in text and "teacher fwd cost" in text and "15.00M" in text
+    assert "-15.00M" not in text
     assert "train resnet18 <- swin_t, kd, seed 0" in text
     if "fbt" in [t.method for t in trains if t.status != "unavailable"]:
         # FBT, ConvNeXt-T teacher -> token students: its stage-3 maps, counted in the storage
@@ -111,10 +113,11 @@ def test_cifar100_dry_run_plan_without_data_or_gpu(tmp_path, monkeypatch):
 def test_cifar100_without_data_or_gpu_fails_at_once(tmp_path, monkeypatch):
     import torch
 
-    import kdcache.sweep as sweep
+    import kdcache.sweep.plan as sweep_plan
+    import kdcache.sweep.run as sweep_run
 
-    monkeypatch.setattr(sweep, "execute_task", lambda *a: pytest.fail("a task started"))
-    monkeypatch.setattr(sweep, "_teacher_shapes", lambda *a: pytest.fail("estimated before checking"))
+    monkeypatch.setattr(sweep_run, "execute_task", lambda *a: pytest.fail("a task started"))
+    monkeypatch.setattr(sweep_plan, "teacher_shapes", lambda *a: pytest.fail("estimated before checking"))
     with pytest.raises(KDCacheError) as err:
         run_sweep(PIPELINES / "cifar100.toml", workdir=tmp_path, console=_console())
     msg = err.value.message
@@ -135,7 +138,8 @@ def test_smoke_dry_run_does_nothing(tmp_path, counters):
     assert summary.forwards_saved == 2 * 2 * 32 - 2 * 512
     assert summary.storage == 2 * 512 * (10 + 512) * 2  # resnet10t: 10 classes + 512-wide embedding, fp16
     text = _text(console)
-    assert "extract resnet10t" in text and "1.0 MB" in text and "-1.02k" in text
+    assert "extract resnet10t" in text and "1.0 MB" in text and "1.02k" in text and "-1.02k" not in text
+    assert "net cost 896" in text  # 128 forwards saved, 1024 spent: a cost, not a negative saving
 
 
 def test_only_and_unavailable_methods(tmp_path):

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdcache.data.views import _DOMAIN_SUBSET, key_hashes, mix
+from kdcache.data.views import DOMAIN_SUBSET, key_hashes, mix
 from kdcache.errors import KDCacheError
 from kdcache.registry import Registry
 
@@ -410,7 +410,7 @@ def subset_indices(labels: np.ndarray, keys: list[str], n: int, seed: int = 0) -
     if short > 0:  # largest remainders first, ties to the lower class index
         order = np.lexsort((np.arange(len(classes)), -(exact - quota)))
         quota[order[:short]] += 1
-    rank_key = mix(_DOMAIN_SUBSET, int(seed), key_hashes(keys))
+    rank_key = mix(DOMAIN_SUBSET, int(seed), key_hashes(keys))
     order = np.lexsort((rank_key, inverse))  # by class, then by hash
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     chosen = [order[s:s + q] for s, q in zip(start, quota)]

@@ -51,7 +51,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _DOMAIN_VIEW = 0x6B64_6361_6368_6501  # "kdcache" + 1: per (sample, view) seeds
 _DOMAIN_EPOCH = 0x6B64_6361_6368_6502  # which view a sample uses at an epoch
-_DOMAIN_SUBSET = 0x6B64_6361_6368_6503  # stratified subsets (datasets.py)
+DOMAIN_SUBSET = 0x6B64_6361_6368_6503  # stratified subsets (datasets.py)
 _INV_2_53 = 1.0 / float(1 << 53)
 
 

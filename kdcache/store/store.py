@@ -20,7 +20,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import KDCacheError
 from kdcache.files import locked
-from kdcache.store.schema import StoreAttrs, TeacherAttrs, from_attrs, jsonable, to_attrs
+from kdcache.store.schema import (DONE, EMBED, KEY_HASH, LABELS, LOGITS, LOGITS_IDS, LOGITS_LSE, LOGITS_VALS, TEACHERS,
+                                  VIEW_PARAMS, VIEW_SEEDS, StoreAttrs, TeacherAttrs, from_attrs, jsonable,
+                                  stage_array, teacher_group, to_attrs)
 
 CHECKSUM = [Crc32cCodec()]
 COMPRESSED = [ZstdCodec(level=1), Crc32cCodec()]
@@ -87,10 +89,10 @@ class Store:
         group = zarr.open_group(path, mode="w")
         n = len(labels)
         bn = min(attrs.block_n, n)
-        group.create_array("samples/label", data=labels.astype(np.int64), chunks=(n,), compressors=CHECKSUM)
-        group.create_array("samples/key_hash", data=key_hash.astype(np.uint64), chunks=(n,), compressors=CHECKSUM)
-        group.create_array("views/seed", data=seeds.astype(np.uint64), chunks=(1, bn), compressors=CHECKSUM)
-        group.create_array("views/params", data=params.astype(np.float32), chunks=(1, bn, params.shape[2]),
+        group.create_array(LABELS, data=labels.astype(np.int64), chunks=(n,), compressors=CHECKSUM)
+        group.create_array(KEY_HASH, data=key_hash.astype(np.uint64), chunks=(n,), compressors=CHECKSUM)
+        group.create_array(VIEW_SEEDS, data=seeds.astype(np.uint64), chunks=(1, bn), compressors=CHECKSUM)
+        group.create_array(VIEW_PARAMS, data=params.astype(np.float32), chunks=(1, bn, params.shape[2]),
                            compressors=CHECKSUM)
         group.attrs["kdcache"] = to_attrs(attrs)
 
@@ -120,20 +122,20 @@ class Store:
         return int(self.attrs.fingerprint["n"])
 
     def labels(self) -> np.ndarray:
-        return self.group["samples/label"][:]
+        return self.group[LABELS][:]
 
     def params(self, views: np.ndarray | None = None) -> np.ndarray:
-        arr = self.group["views/params"]
+        arr = self.group[VIEW_PARAMS]
         return arr[:] if views is None else arr.get_orthogonal_selection((np.asarray(views), slice(None), slice(None)))
 
     def seeds(self) -> np.ndarray:
-        return self.group["views/seed"][:]
+        return self.group[VIEW_SEEDS][:]
 
     # ---------------------------------------------------------------- teachers
     def teacher_names(self) -> list[str]:
-        if "teachers" not in self.group:
+        if TEACHERS not in self.group:
             return []
-        return sorted(name for name, _ in self.group["teachers"].groups())
+        return sorted(name for name, _ in self.group[TEACHERS].groups())
 
     def teacher(self, alias: str) -> "TeacherCache":
         if alias not in self.teacher_names():
@@ -142,14 +144,14 @@ class Store:
                 f"store {self.path} has no targets of teacher {alias!r} (it has: {have})",
                 fix=_fix_extract(self.attrs.fingerprint["name"], alias),
             )
-        return TeacherCache(self, self.group[f"teachers/{alias}"])
+        return TeacherCache(self, self.group[teacher_group(alias)])
 
     def create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
         """Create the teacher's arrays (or open them when an earlier run created the same)."""
         # One creator at a time; others then open it. The lock sits beside the store, not in it, so
         # zarr never lists it as a member of the hierarchy.
         with locked(self.path.with_name(self.path.name + ".create-teacher")):
-            name = f"teachers/{attrs.alias}"
+            name = teacher_group(attrs.alias)
             if name in self.group:
                 group = self.group[name]
                 if "kdcache" in group.attrs:  # attrs are written last: present = fully created
@@ -161,7 +163,7 @@ class Store:
             return self._create_teacher(attrs, n_views)
 
     def _create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
-        name = f"teachers/{attrs.alias}"
+        name = teacher_group(attrs.alias)
         n, bn = self.num_samples, min(self.attrs.block_n, self.num_samples)
         n_blocks = -(-n // bn)
         dtype = attrs.dtype
@@ -171,16 +173,16 @@ class Store:
             if not 0 < k < attrs.num_classes:
                 raise KDCacheError(f"--topk {k} must be between 1 and the number of classes - 1 ({attrs.num_classes - 1})")
             ids_dtype = "int16" if attrs.num_classes <= 32767 else "int32"
-            g.create_array("logits_ids", shape=(n_views, n, k), chunks=(1, bn, k), dtype=ids_dtype,
+            g.create_array(LOGITS_IDS, shape=(n_views, n, k), chunks=(1, bn, k), dtype=ids_dtype,
                            compressors=CHECKSUM, fill_value=-1)
-            g.create_array("logits_vals", shape=(n_views, n, k), chunks=(1, bn, k), dtype=dtype,
+            g.create_array(LOGITS_VALS, shape=(n_views, n, k), chunks=(1, bn, k), dtype=dtype,
                            compressors=CHECKSUM, fill_value=MISSING)
-            g.create_array("logits_lse", shape=(n_views, n), chunks=(1, bn), dtype="float32",
+            g.create_array(LOGITS_LSE, shape=(n_views, n), chunks=(1, bn), dtype="float32",
                            compressors=CHECKSUM, fill_value=MISSING)
         else:
-            g.create_array("logits", shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
+            g.create_array(LOGITS, shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
                            dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
-        g.create_array("embed", shape=(n_views, n, attrs.embed_dim), chunks=(1, bn, attrs.embed_dim),
+        g.create_array(EMBED, shape=(n_views, n, attrs.embed_dim), chunks=(1, bn, attrs.embed_dim),
                        dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
         for k in attrs.stored_stages:
             c, h, w = stored_stage_shape(attrs, k)
@@ -190,9 +192,9 @@ class Store:
                 cn //= 2
             while bn % cn:  # a block must cover whole chunks
                 cn -= 1
-            g.create_array(f"stages/s{k}", shape=(attrs.stage_views, n, c, h, w), chunks=(1, cn, c, h, w),
+            g.create_array(stage_array(k), shape=(attrs.stage_views, n, c, h, w), chunks=(1, cn, c, h, w),
                            dtype=dtype, compressors=COMPRESSED, fill_value=MISSING)
-        g.create_array("done", shape=(n_views, n_blocks), chunks=(1, 1), dtype="uint8", fill_value=0,
+        g.create_array(DONE, shape=(n_views, n_blocks), chunks=(1, 1), dtype="uint8", fill_value=0,
                        compressors=CHECKSUM)
         g.attrs["kdcache"] = to_attrs(attrs)
         return TeacherCache(self, g)
@@ -215,16 +217,16 @@ class TeacherCache:
 
     @property
     def path(self) -> Path:
-        return self.store.path / "teachers" / self.attrs.alias
+        return self.store.path / teacher_group(self.attrs.alias)
 
     @property
     def num_views(self) -> int:
-        return self.group["embed"].shape[0]
+        return self.group[EMBED].shape[0]
 
     @property
     def logit_arrays(self) -> tuple[str, ...]:
         """The arrays that hold the logits: one dense array, or the three top-k arrays."""
-        return ("logits_ids", "logits_vals", "logits_lse") if self.attrs.logits_topk else ("logits",)
+        return (LOGITS_IDS, LOGITS_VALS, LOGITS_LSE) if self.attrs.logits_topk else (LOGITS,)
 
     @property
     def block_n(self) -> int:
@@ -256,7 +258,7 @@ class TeacherCache:
 
     def done_mask(self) -> np.ndarray:
         """Completion marks; a mark that cannot be read counts as not done (the block is redone)."""
-        arr = self.group["done"]
+        arr = self.group[DONE]
         try:
             return arr[:].astype(bool)
         except ValueError:
@@ -274,13 +276,13 @@ class TeacherCache:
         """Write one block's arrays, then its completion mark (never before)."""
         a, b = self.block_range(j)
         dtype = np.dtype(self.attrs.dtype)
-        arrays = {"embed": embed}
+        arrays = {EMBED: embed}
         if self.attrs.logits_topk:
             ids, vals, lse = topk_encode(logits, self.attrs.logits_topk)
             arrays.update(logits_vals=vals, logits_lse=lse)
-            self.group["logits_ids"][v, a:b] = ids
+            self.group[LOGITS_IDS][v, a:b] = ids
         else:
-            arrays["logits"] = logits
+            arrays[LOGITS] = logits
         for name, value in arrays.items():
             with np.errstate(over="ignore", invalid="ignore"):
                 cast = value.astype(self.group[name].dtype)  # lse stays fp32 in an fp16 store
@@ -299,14 +301,14 @@ class TeacherCache:
                 if not np.isfinite(cast).all():
                     raise KDCacheError(f"teacher {self.attrs.alias} produced non-finite stage {k} maps in "
                                        f"view {v}, samples {a}-{b}", fix="try --dtype float32")
-                self.group[f"stages/s{k}"][v, a:b] = cast
-        self.group["done"][v, j] = 1
+                self.group[stage_array(k)][v, a:b] = cast
+        self.group[DONE][v, j] = 1
 
     # ---------------------------------------------------------------- reading
-    def check_integrity(self, names: tuple[str, ...] = ("logits", "embed")) -> None:
+    def check_integrity(self, names: tuple[str, ...] = (LOGITS, EMBED)) -> None:
         """Read every chunk of the small per-view arrays once, so a damaged chunk stops training
         before the first step (stage maps are checked as they are streamed)."""
-        names = tuple(a for n in names for a in (self.logit_arrays if n == "logits" else (n,)))
+        names = tuple(a for n in names for a in (self.logit_arrays if n == LOGITS else (n,)))
         missing = self.missing_chunks(names)
         if missing:
             raise KDCacheError(
@@ -370,14 +372,14 @@ class TeacherCache:
                 ) from exc
             raise
 
-    def epoch_targets(self, view_ids: np.ndarray, names: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+    def epoch_targets(self, view_ids: np.ndarray, names: tuple[str, ...] = (LOGITS,)) -> dict[str, np.ndarray]:
         """Per-sample targets for one epoch: row i comes from view view_ids[i] of sample i.
 
         Reads one view row at a time, so memory is O(N x width) whatever the number of views."""
         n = self.store.num_samples
         out = {}
         for name in names:
-            width = (self.attrs.num_classes,) if name == "logits" else self.group[name].shape[2:]
+            width = (self.attrs.num_classes,) if name == LOGITS else self.group[name].shape[2:]
             buf = np.empty((n,) + tuple(width), dtype=np.float32)
             for v in np.unique(view_ids):
                 rows = np.nonzero(view_ids == v)[0]
@@ -387,11 +389,11 @@ class TeacherCache:
 
     def stage_batch(self, k: int, view_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Stage-k maps for a batch of (view, sample) pairs."""
-        return self.read_pairs(f"stages/s{k}", view_ids, idx)
+        return self.read_pairs(stage_array(k), view_ids, idx)
 
     def _view_row(self, name: str, v: int, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Samples `rows` (sorted) of view v, as float32; top-k logits are expanded to dense."""
-        if name == "logits" and self.attrs.logits_topk:
+        if name == LOGITS and self.attrs.logits_topk:
             parts = [self.read(a, (v, rows)) for a in self.logit_arrays]
             return topk_decode(*parts, self.attrs.num_classes)
         return self.read(name, (v, rows)).astype(np.float32)
@@ -399,7 +401,7 @@ class TeacherCache:
     def read_pairs(self, name: str, view_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Rows (view_ids[b], idx[b]) of a [V, N, ...] array, one orthogonal read per distinct view."""
         view_ids, idx = np.asarray(view_ids), np.asarray(idx)
-        width = (self.attrs.num_classes,) if name == "logits" else self.group[name].shape[2:]
+        width = (self.attrs.num_classes,) if name == LOGITS else self.group[name].shape[2:]
         out = np.empty((len(idx),) + tuple(width), dtype=np.float32)
         for v in np.unique(view_ids):
             sel = np.nonzero(view_ids == v)[0]

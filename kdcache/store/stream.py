@@ -14,6 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from kdcache.store.schema import stage_array
+
 
 def quasi_random_order(n: int, chunk: int, window_chunks: int, generator: torch.Generator) -> np.ndarray:
     """A permutation of range(n) in which consecutive runs of `window_chunks * chunk` samples come
@@ -41,7 +43,7 @@ class WindowedStageReader:
 
     def _load(self, w: int) -> dict:
         idx = self.windows[w]
-        maps = {k: self.cache.read_pairs(f"stages/s{k}", self.view_ids[idx], idx) for k in self.stages}
+        maps = {k: self.cache.read_pairs(stage_array(k), self.view_ids[idx], idx) for k in self.stages}
         return {"idx": idx, "maps": maps}
 
     def _window(self, w: int) -> dict:
@@ -57,7 +59,7 @@ class WindowedStageReader:
         """Stage maps for the batch's samples (each at its view of this epoch)."""
         out = {}
         for k in self.stages:
-            shape = self.cache.group[f"stages/s{k}"].shape[2:]
+            shape = self.cache.group[stage_array(k)].shape[2:]
             out[k] = np.empty((len(idx),) + tuple(shape), dtype=np.float32)
         for w in np.unique(self.window_of[idx]):
             win = self._window(int(w))
