@@ -102,47 +102,56 @@ def open_view_store(dataset, recipe_name: str, num_views: int | None, view_seed:
     return Store.create_or_open(path, attrs, dataset.labels, key_hashes(dataset.keys), seeds, params)
 
 
-def run_extract(cfg: ExtractConfig) -> ExtractResult:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    device = resolve_device(cfg.device)
+def check_extract_config(cfg: ExtractConfig) -> None:
+    """Refuse settings that cannot work, before any data or weights are loaded."""
     if cfg.dtype not in ("float16", "float32"):
         raise KDCacheError(f"--dtype {cfg.dtype!r} is not supported", expected="float16 or float32")
-    recipe = get_recipe(cfg.recipe)  # validate cheap settings before loading data or weights
+    recipe = get_recipe(cfg.recipe)
     _parse_blocks(cfg.blocks, 0)
     for name, value in (("batch_size", cfg.batch_size), ("block_n", cfg.block_n)):
         if value < 1:
             raise KDCacheError(f"--{name.replace('_', '-')} {value} is not a positive size", expected="an integer >= 1")
     recipe.check_views(cfg.views or recipe.default_views)
+
+
+def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int, n_views: int,
+                  device: torch.device) -> TeacherAttrs:
+    """What the store records of the teacher and of what was extracted from it."""
+    spec, info = model.spec, describe(model, meta["input_size"])
+    stages = tuple(sorted(set(needs.stages) | set(cfg.stages)))
+    stage_views = (cfg.stage_views if cfg.stage_views is not None else n_views) if stages else 0
+    if stage_views > n_views:
+        raise KDCacheError(f"--stage-views {stage_views} exceeds the store's {n_views} views")
+    return TeacherAttrs(
+        alias=cfg.teacher, timm_name=spec.timm_name, family=spec.family, checkpoint=meta["checkpoint"],
+        checkpoint_sha256=meta["sha256"], pretrained=cfg.pretrained, input_size=meta["input_size"],
+        mean=tuple(meta["mean"]), std=tuple(meta["std"]), interpolation="bilinear", dtype=cfg.dtype,
+        num_classes=num_classes, embed_dim=info.embed_dim, stage_shapes=info.stage_shapes,
+        stored_stages=stages, stage_views=stage_views, stage_grid=cfg.stage_grid, has_tail=needs.tail,
+        logits_topk=cfg.topk, teacher_acc=meta["acc"], versions=versions(), autocast=autocast_name(device))
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    device = resolve_device(cfg.device)
+    check_extract_config(cfg)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
-    spec = MODELS.get(cfg.teacher)
-    needs = method_needs(tuple(cfg.methods), spec.family, cfg.student_family)
+    needs = method_needs(tuple(cfg.methods), MODELS.get(cfg.teacher).family, cfg.student_family)
     model, meta = load_teacher(cfg.teacher, cfg.dataset, train.num_classes, cfg.checkpoint, cfg.pretrained,
                                cfg.checkpoint_dir, train.mean, train.std)
     model.to(device).eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    info = describe(model, meta["input_size"])
     store = open_view_store(train, cfg.recipe, cfg.views, cfg.view_seed, cfg.store_root, cfg.block_n)
     train = to_device_resident(train, device)
     n_views = store.attrs.num_views
-    stages = tuple(sorted(set(needs.stages) | set(cfg.stages)))
-    stage_views = (cfg.stage_views if cfg.stage_views is not None else n_views) if stages else 0
-    if stage_views > n_views:
-        raise KDCacheError(f"--stage-views {stage_views} exceeds the store's {n_views} views")
-    tattrs = TeacherAttrs(
-        alias=cfg.teacher, timm_name=spec.timm_name, family=spec.family, checkpoint=meta["checkpoint"],
-        checkpoint_sha256=meta["sha256"], pretrained=cfg.pretrained, input_size=meta["input_size"],
-        mean=tuple(meta["mean"]), std=tuple(meta["std"]), interpolation="bilinear", dtype=cfg.dtype,
-        num_classes=train.num_classes, embed_dim=info.embed_dim, stage_shapes=info.stage_shapes,
-        stored_stages=stages, stage_views=stage_views, stage_grid=cfg.stage_grid, has_tail=needs.tail,
-        logits_topk=cfg.topk,
-        teacher_acc=meta["acc"], versions=versions(), autocast=autocast_name(device))
-    cache = store.create_teacher(tattrs, n_views)
+    cache = store.create_teacher(teacher_attrs(cfg, model, meta, needs, train.num_classes, n_views, device), n_views)
     if needs.tail:
         from kdcache.models.tails import save_tail
 
         save_tail(model, train.num_classes, cache.path / TAIL_FILE)
+    stages, stage_views = cache.attrs.stored_stages, cache.attrs.stage_views
 
     render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
     n_blocks = cache.group[DONE].shape[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -356,7 +357,8 @@ def make_report(pipeline: str | Path | None = None, results: str | Path | None =
     tables = build_tables(rows, pairs=pairs, methods=methods, benchmark=benchmark, metric=metric)
     out.mkdir(parents=True, exist_ok=True)
 
-    md = [f"# {title}", "", f"Results: `{results}` ({len(rows)} rows). Cells: test top-1 (%) at the end of "
+    shown = os.path.relpath(results.resolve(), out.resolve())  # relative: the report reads the same anywhere
+    md = [f"# {title}", "", f"Results: `{shown}` ({len(rows)} rows, path relative to this report). Cells: test top-1 (%) at the end of "
           f"training (`{metric}`), mean ± sample std over seeds where more than one seed ran."]
     for tab in tables:
         name = tab.dataset + (f", stratified subset of {tab.subset} training samples" if tab.subset else "")

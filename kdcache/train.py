@@ -266,11 +266,27 @@ def run_name(cfg: TrainConfig, mode: str) -> str:
     return cfg.run_name or f"{cfg.dataset}-{cfg.teacher or 'none'}-{cfg.student}-{cfg.method}-{mode}-s{cfg.seed}"
 
 
+def start_run(cfg: TrainConfig, mode: str, train, modules: dict[str, Any], device: torch.device
+              ) -> tuple[Path, RunState]:
+    """The run folder, and the state to start from: fresh, or the last checkpoint with `--resume`."""
+    run_dir = Path(cfg.out_dir) / run_name(cfg, mode)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "last.pt"
+    state = RunState()
+    if cfg.resume and ckpt_path.is_file():
+        state = resume(ckpt_path, train.fingerprint.as_dict(), modules, device)
+    elif cfg.resume:
+        print(f"note: --resume given but {ckpt_path} does not exist; starting from scratch")
+    if state.epoch == 0:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    return run_dir, state
+
+
 def run_train(cfg: TrainConfig) -> RunResult:
     from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as Bar
 
-    # 1. data, plan, models, target source --------------------------------------------------------
+    # 1. data, plan, models, target source, run folder ---------------------------------------------
     check_train_config(cfg)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
@@ -286,28 +302,14 @@ def run_train(cfg: TrainConfig) -> RunResult:
     specs = [RenderSpec(size, tuple(train.mean), tuple(train.std)), *source.render_specs]
     opt = make_optimizer([p for p in [*student.parameters(), *method.parameters()] if p.requires_grad], cfg)
     modules = {"model": student, "method": method, "optimizer": opt}
-
-    # 2. run folder and resume ---------------------------------------------------------------------
-    n = len(train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
     mode = "online" if cfg.online and plan.cache is not None else plan.mode
-    name = run_name(cfg, mode)
-    run_dir = Path(cfg.out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "last.pt"
-    state = RunState()
-    if cfg.resume and ckpt_path.is_file():
-        state = resume(ckpt_path, train.fingerprint.as_dict(), modules, device)
-    elif cfg.resume:
-        print(f"note: --resume given but {ckpt_path} does not exist; starting from scratch")
-    if state.epoch == 0:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    run_dir, state = start_run(cfg, mode, train, modules, device)
+    n, steps_per_epoch = len(train), math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    train_seconds, acc = sum(h["seconds"] for h in state.history), state.top1
 
-    # 3. the loop ----------------------------------------------------------------------------------
-    train_seconds = sum(h["seconds"] for h in state.history)
-    acc = state.top1
-    with Bar(TextColumn(name), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+    # 2. the loop ----------------------------------------------------------------------------------
+    with Bar(TextColumn(run_dir.name), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
              TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
         task = bar.add_task("train", total=total_steps, completed=state.step, info="")
         for epoch in range(state.epoch, cfg.epochs):
@@ -345,28 +347,35 @@ def run_train(cfg: TrainConfig) -> RunResult:
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds
 
-            # 4. eval, metrics, checkpoint -----------------------------------------------------------
+            # 3. eval, metrics, checkpoint -------------------------------------------------------------
             last = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and state.step >= cfg.max_steps)
             if cfg.eval_every and (last or (epoch + 1) % cfg.eval_every == 0):
                 acc = evaluate_model(student, test, specs[0], device)
                 state.best = max(state.best, acc)
-            batches = max(1, state.step - (state.history[-1]["step"] if state.history else 0))
-            row = {"epoch": epoch + 1, "step": state.step, "top1": acc, "seconds": seconds,
-                   "step_s_median": float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan"),
-                   "lr": opt.param_groups[0]["lr"], **{k: v / batches for k, v in sums.items()}}
-            state.history.append(row)
-            state.epoch = epoch + 1
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(ckpt_path, cfg, train, size, state, modules)
+            log_epoch(run_dir, state, epoch, acc, seconds, step_ends, opt.param_groups[0]["lr"], sums)
+            save_checkpoint(run_dir / "last.pt", cfg, train, size, state, modules)
             if last:
                 break
     if cfg.save_teacher_to:
-        export_teacher(ckpt_path, cfg.save_teacher_to)
-    result = make_result(cfg, plan, mode, state, acc, train_seconds, ckpt_path, device)
+        export_teacher(run_dir / "last.pt", cfg.save_teacher_to)
+    result = make_result(cfg, plan, mode, state, acc, train_seconds, run_dir / "last.pt", device)
     if cfg.results:
         append_result(cfg.results, result)
     return result
+
+
+def log_epoch(run_dir: Path, state: RunState, epoch: int, acc: float, seconds: float, step_ends: list[float],
+              lr: float, sums: dict[str, float]) -> None:
+    """Append the epoch's row (accuracy, time, lr, mean of every loss term) to the history and to
+    metrics.jsonl."""
+    batches = max(1, state.step - (state.history[-1]["step"] if state.history else 0))
+    row = {"epoch": epoch + 1, "step": state.step, "top1": acc, "seconds": seconds,
+           "step_s_median": float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan"),
+           "lr": lr, **{k: v / batches for k, v in sums.items()}}
+    state.history.append(row)
+    state.epoch = epoch + 1
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def make_result(cfg: TrainConfig, plan: Plan, mode: str, state: RunState, acc: float, train_seconds: float,
