@@ -1,6 +1,6 @@
-"""Small file primitives every floor may use: an exclusive lock beside a file, atomic writes with
-unique temporary names (two overlapping saves never expose a half-written or empty file), and a
-streaming sha256.
+"""Small file primitives every floor may use: locks (a waiting one beside a shared file, a refusing
+one for a folder only one process may write), atomic writes with unique temporary names (two
+overlapping saves never expose a half-written or empty file), and a streaming sha256.
 """
 
 from __future__ import annotations
@@ -56,3 +56,26 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Hold `<path>` locked for the block, refusing (not waiting) when another process holds it:
+    two processes must never write one run folder at once."""
+    from kdcache.errors import KDCacheError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise KDCacheError(f"{what} is in use by another process (pid {holder}, lock {path})",
+                               fix="wait for it to finish, or pass another --run-name") from exc
+        lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

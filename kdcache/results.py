@@ -7,10 +7,14 @@ sweep never lose or corrupt a row.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdcache.errors import KDCacheError
 from kdcache.files import atomic_write, locked
 
 
@@ -50,28 +54,54 @@ def git_commit() -> str:
         return "unknown"
 
 
-def append_rows(path: str | Path, rows: list[dict]) -> None:
-    """Append rows (dicts) to a Parquet table, creating it if needed; columns are unioned."""
+def read_table(path: Path):
+    """The Parquet table at `path`, or a KDCacheError naming the damaged file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise KDCacheError(f"results table {path} is damaged ({exc})",
+                           fix=f"move it aside (mv {path} {path}.damaged); every finished run also keeps its row in "
+                               "<out-dir>/<run>/result.json") from exc
+
+
+def append_rows(path: str | Path, rows: list[dict], *, unique: str | None = None) -> int:
+    """Append rows (dicts) to a Parquet table, creating it if needed; columns are unioned.
+
+    With `unique`, rows whose value in that column is already in the table are skipped (a resumed
+    run never adds its row twice). A damaged table is moved aside to `<name>.damaged-<time>` (and
+    said so) rather than losing the new rows. Returns the number of rows appended."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     with locked(path):
-        new = pa.Table.from_pylist(rows)
+        old = None
         if path.exists():
-            old = pq.read_table(path)
-            table = pa.concat_tables([old, new], promote_options="default")
-        else:
-            table = new
+            try:
+                old = read_table(path)
+            except KDCacheError as exc:
+                aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(path, aside)
+                print(f"warning: {exc.what}; moved it to {aside} and started a new table", file=sys.stderr)
+        if old is not None and unique and unique in old.column_names:
+            seen = set(old.column(unique).to_pylist())
+            rows = [r for r in rows if r.get(unique) not in seen]
+        if not rows:
+            return 0
+        new = pa.Table.from_pylist(rows)
+        table = new if old is None else pa.concat_tables([old, new], promote_options="default")
         atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        return len(rows)
 
 
-def append_result(path: str | Path, result: RunResult) -> None:
-    append_rows(path, [dataclasses.asdict(result)])
+def append_result(path: str | Path, result: RunResult) -> int:
+    """Add a finished run's row, once: a row with the same run_id is never written twice."""
+    return append_rows(path, [dataclasses.asdict(result)], unique="run_id")
 
 
 def read_results(path: str | Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
     path = Path(path)
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    return read_table(path).to_pylist() if path.exists() else []

@@ -140,8 +140,9 @@ class OnlineTargets(CachedTargets):
         # the same budget as the cached run decides held vs streamed maps, hence the same order
         super().__init__(cache, needs, n, device, ram_budget_bytes, window_chunks)
         a = cache.attrs
-        self.teacher, _ = load_teacher(a.alias, dataset, num_classes, checkpoint or a.checkpoint, False,
-                                       checkpoint_dir, a.mean, a.std)
+        # the weights must be the ones the store's targets came from (sha256 recorded at extraction)
+        self.teacher, _ = load_teacher(a.alias, dataset, num_classes, checkpoint or a.checkpoint, a.pretrained,
+                                       checkpoint_dir, a.mean, a.std, expected_sha256=a.checkpoint_sha256)
         self.teacher.to(device).eval()
         self.render_specs = (RenderSpec(a.input_size, tuple(a.mean), tuple(a.std)),)
         self.grid = a.stage_grid

@@ -32,7 +32,8 @@ from kdcache.methods import Method, Needs, TeacherInfo, options_dict, resolve_me
 from kdcache.models import MODELS, build_model, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR
 from kdcache.presets import PRESETS, preset_for
-from kdcache.results import RunResult, append_result, git_commit
+from kdcache.results import RunResult, git_commit
+from kdcache.runs import RunFolder, RunState, identity_digest
 from kdcache.sources import CachedTargets, NoTargets, OnlineTargets, check_cache_serves, teacher_info
 from kdcache.store import Store, TeacherCache, store_path
 from kdcache.store.schema import EMBED, LOGITS, TAIL_FILE, jsonable
@@ -219,39 +220,26 @@ def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.
     return method
 
 
-@dataclass
-class RunState:
-    """Where a run stands: restored by `--resume`, saved with every checkpoint."""
-
-    epoch: int = 0
-    step: int = 0
-    best: float = 0.0
-    history: list[dict] = field(default_factory=list)
-
-    @property
-    def top1(self) -> float:
-        return self.history[-1]["top1"] if self.history else 0.0
+IDENTITY_SETTINGS = ("dataset", "subset", "student", "teacher", "method", "epochs", "batch_size", "optimizer", "lr",
+                     "momentum", "nesterov", "weight_decay", "warmup_epochs", "schedule", "min_lr", "drop_path",
+                     "pretrained", "input_size", "seed", "stage_ram_mb", "window_chunks")
 
 
-def resume(ckpt_path: Path, fingerprint: dict, modules: dict[str, Any], device: torch.device) -> RunState:
-    """Load a run's last checkpoint into the student, method and optimiser."""
-    blob = torch.load(ckpt_path, map_location=device, weights_only=False)
-    if blob["fingerprint"] != fingerprint:
-        raise KDCacheError(f"{ckpt_path} was trained on {blob['fingerprint']}, not on this dataset")
-    for key, module in modules.items():
-        module.load_state_dict(blob[key])
-    torch.set_rng_state(blob["rng"])
-    return RunState(blob["epoch"], blob["step"], blob["best"], blob["history"])
+def run_identity(cfg: TrainConfig, plan: Plan, train, mode: str) -> dict[str, Any]:
+    """Everything that changes a run's result: its settings, the method's resolved options, the data
+    fingerprint, the views and the teacher's checkpoint hash (not where files go, not when to stop)."""
+    return {**{k: getattr(cfg, k) for k in IDENTITY_SETTINGS}, "mode": mode,
+            "options": options_dict(plan.method_opts), "fingerprint": train.fingerprint.as_dict(),
+            "views": {"recipe": plan.recipe.name, "num_views": plan.num_views, "view_seed": plan.view_seed},
+            "teacher_sha256": plan.cache.attrs.checkpoint_sha256 if plan.cache is not None else None}
 
 
-def save_checkpoint(path: Path, cfg: TrainConfig, train, size: int, progress: RunState,
-                    modules: dict[str, Any]) -> None:
-    atomic_torch_save({**{k: m.state_dict() for k, m in modules.items()}, "epoch": progress.epoch,
-                       "step": progress.step, "best": progress.best, "history": progress.history,
-                       "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
-                       "fingerprint": train.fingerprint.as_dict(), "alias": cfg.student,
-                       "num_classes": train.num_classes, "input_size": size, "mean": tuple(train.mean),
-                       "std": tuple(train.std), "acc": progress.top1}, path)
+def run_name(cfg: TrainConfig, mode: str, identity: dict[str, Any]) -> str:
+    """`--run-name`, or one that runs of other settings never share (the identity's digest)."""
+    sub = f"-n{cfg.subset}" if cfg.subset else ""
+    method = cfg.method.replace(":", "-")
+    return cfg.run_name or (f"{cfg.dataset}{sub}-{cfg.teacher or 'none'}-{cfg.student}-{method}-{mode}-s{cfg.seed}"
+                            f"-{identity_digest(identity)}")
 
 
 def export_teacher(ckpt_path: Path, to: str) -> None:
@@ -262,31 +250,34 @@ def export_teacher(ckpt_path: Path, to: str) -> None:
                                             "fingerprint", "config")}, to)
 
 
-def run_name(cfg: TrainConfig, mode: str) -> str:
-    return cfg.run_name or f"{cfg.dataset}-{cfg.teacher or 'none'}-{cfg.student}-{cfg.method}-{mode}-s{cfg.seed}"
+@dataclass
+class Run:
+    """Everything built and checked before the first step."""
+
+    cfg: TrainConfig
+    plan: Plan
+    device: torch.device
+    train: Any  # ImageDataset
+    test: Any
+    student: torch.nn.Module
+    method: Method
+    source: NoTargets
+    specs: list[RenderSpec]
+    opt: torch.optim.Optimizer
+    mode: str
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.student, "method": self.method, "optimizer": self.opt}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What a checkpoint says of its model, so that it loads as a teacher too."""
+        return {"config": dataclasses.asdict(self.cfg), "fingerprint": self.train.fingerprint.as_dict(),
+                "alias": self.cfg.student, "num_classes": self.train.num_classes, "input_size": self.specs[0].size,
+                "mean": tuple(self.train.mean), "std": tuple(self.train.std)}
 
 
-def start_run(cfg: TrainConfig, mode: str, train, modules: dict[str, Any], device: torch.device
-              ) -> tuple[Path, RunState]:
-    """The run folder, and the state to start from: fresh, or the last checkpoint with `--resume`."""
-    run_dir = Path(cfg.out_dir) / run_name(cfg, mode)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "last.pt"
-    state = RunState()
-    if cfg.resume and ckpt_path.is_file():
-        state = resume(ckpt_path, train.fingerprint.as_dict(), modules, device)
-    elif cfg.resume:
-        print(f"note: --resume given but {ckpt_path} does not exist; starting from scratch")
-    if state.epoch == 0:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    return run_dir, state
-
-
-def run_train(cfg: TrainConfig) -> RunResult:
-    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
-    from rich.progress import Progress as Bar
-
-    # 1. data, plan, models, target source, run folder ---------------------------------------------
+def setup_run(cfg: TrainConfig) -> Run:
     check_train_config(cfg)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
@@ -301,32 +292,58 @@ def run_train(cfg: TrainConfig) -> RunResult:
     source = make_source(plan, cfg, train, device)
     specs = [RenderSpec(size, tuple(train.mean), tuple(train.std)), *source.render_specs]
     opt = make_optimizer([p for p in [*student.parameters(), *method.parameters()] if p.requires_grad], cfg)
-    modules = {"model": student, "method": method, "optimizer": opt}
     mode = "online" if cfg.online and plan.cache is not None else plan.mode
-    run_dir, state = start_run(cfg, mode, train, modules, device)
-    n, steps_per_epoch = len(train), math.ceil(len(train) / cfg.batch_size)
+    return Run(cfg, plan, device, train, test, student, method, source, specs, opt, mode)
+
+
+def run_train(cfg: TrainConfig) -> RunResult:
+    """Train (or resume, or report the already finished) run of `cfg`; one result row per run."""
+    run = setup_run(cfg)
+    identity = run_identity(cfg, run.plan, run.train, run.mode)
+    folder = RunFolder(Path(cfg.out_dir) / run_name(cfg, run.mode, identity), identity)
+    with folder.held():
+        state = folder.start(cfg.resume, run.modules, run.device)
+        recorded = folder.recorded_result()
+        if recorded is not None and is_finished(state, cfg):
+            print(f"note: run {folder.path.name} finished already (top-1 {recorded.top1:.2f}%); nothing to train")
+            return folder.finish(recorded, cfg.results)
+        acc, train_seconds = train_loop(run, folder, state)
+        if cfg.save_teacher_to:
+            export_teacher(folder.checkpoint, cfg.save_teacher_to)
+        return folder.finish(make_result(run, state, acc, train_seconds, folder.checkpoint), cfg.results)
+
+
+def is_finished(state: RunState, cfg: TrainConfig) -> bool:
+    return state.epoch >= cfg.epochs or (cfg.max_steps is not None and state.step >= cfg.max_steps)
+
+
+def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, float]:
+    """The epochs: views of the epoch, targets from the source, a step per batch, then eval and a
+    checkpoint. Returns (last top-1, training seconds over all epochs, resumed ones included)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cfg, plan, device, student, method, opt = run.cfg, run.plan, run.device, run.student, run.method, run.opt
+    n, steps_per_epoch = len(run.train), math.ceil(len(run.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     train_seconds, acc = sum(h["seconds"] for h in state.history), state.top1
-
-    # 2. the loop ----------------------------------------------------------------------------------
-    with Bar(TextColumn(run_dir.name), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
+    with Progress(TextColumn(folder.path.name), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
         task = bar.add_task("train", total=total_steps, completed=state.step, info="")
         for epoch in range(state.epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             view_ids = epoch_views(plan.recipe, plan.num_views, plan.view_seed, plan.key_hash, epoch)
             view_params = plan.params[view_ids, np.arange(n)]
-            order = source.begin_epoch(view_ids, torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            order = run.source.begin_epoch(view_ids, torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             student.train(), method.train()
             sums: dict[str, float] = {}
             step_ends = [time.perf_counter()]
-            for views, idx in iter_views(train, order, view_params[order], specs, cfg.batch_size, device):
+            for views, idx in iter_views(run.train, order, view_params[order], run.specs, cfg.batch_size, device):
                 if cfg.max_steps is not None and state.step >= cfg.max_steps:
                     break
                 for group in opt.param_groups:
                     group["lr"] = lr_at(state.step, total_steps, steps_per_epoch, cfg)
-                targets = source.batch(idx, views)
-                labels = torch.from_numpy(train.labels[idx]).to(device)
+                targets = run.source.batch(idx, views)
+                labels = torch.from_numpy(run.train.labels[idx]).to(device)
                 with autocast(device):
                     out = student(views[0], stages=plan.needs.student_stages)
                     losses = method(out, targets, labels, epoch=epoch, step=state.step, total_epochs=cfg.epochs)
@@ -343,51 +360,34 @@ def run_train(cfg: TrainConfig) -> RunResult:
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss.detach()):.3f} top1 {acc:.2f}")
-            source.end_epoch()
+            run.source.end_epoch()
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds
-
-            # 3. eval, metrics, checkpoint -------------------------------------------------------------
-            last = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and state.step >= cfg.max_steps)
-            if cfg.eval_every and (last or (epoch + 1) % cfg.eval_every == 0):
-                acc = evaluate_model(student, test, specs[0], device)
+            if cfg.eval_every and (is_finished(state, cfg) or epoch + 1 == cfg.epochs
+                                   or (epoch + 1) % cfg.eval_every == 0):
+                acc = evaluate_model(student, run.test, run.specs[0], device)
                 state.best = max(state.best, acc)
-            log_epoch(run_dir, state, epoch, acc, seconds, step_ends, opt.param_groups[0]["lr"], sums)
-            save_checkpoint(run_dir / "last.pt", cfg, train, size, state, modules)
-            if last:
+            batches = max(1, state.step - (state.history[-1]["step"] if state.history else 0))
+            folder.log_epoch(state, {
+                "epoch": epoch + 1, "step": state.step, "top1": acc, "seconds": seconds,
+                "step_s_median": float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan"),
+                "lr": opt.param_groups[0]["lr"], **{k: v / batches for k, v in sums.items()}})
+            folder.save(state, run.modules, run.checkpoint_extra())
+            if is_finished(state, cfg):
                 break
-    if cfg.save_teacher_to:
-        export_teacher(run_dir / "last.pt", cfg.save_teacher_to)
-    result = make_result(cfg, plan, mode, state, acc, train_seconds, run_dir / "last.pt", device)
-    if cfg.results:
-        append_result(cfg.results, result)
-    return result
+    return acc, train_seconds
 
 
-def log_epoch(run_dir: Path, state: RunState, epoch: int, acc: float, seconds: float, step_ends: list[float],
-              lr: float, sums: dict[str, float]) -> None:
-    """Append the epoch's row (accuracy, time, lr, mean of every loss term) to the history and to
-    metrics.jsonl."""
-    batches = max(1, state.step - (state.history[-1]["step"] if state.history else 0))
-    row = {"epoch": epoch + 1, "step": state.step, "top1": acc, "seconds": seconds,
-           "step_s_median": float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan"),
-           "lr": lr, **{k: v / batches for k, v in sums.items()}}
-    state.history.append(row)
-    state.epoch = epoch + 1
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def make_result(cfg: TrainConfig, plan: Plan, mode: str, state: RunState, acc: float, train_seconds: float,
-                ckpt_path: Path, device: torch.device) -> RunResult:
+def make_result(run: Run, state: RunState, acc: float, train_seconds: float, ckpt_path: Path) -> RunResult:
+    cfg, plan = run.cfg, run.plan
     epochs_run = len(state.history)
     teacher_acc = plan.cache.attrs.teacher_acc if plan.cache is not None else None
     return RunResult(
         run_id=uuid.uuid4().hex[:12], finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        dataset=cfg.dataset, subset=cfg.subset or 0, student=cfg.student, method=cfg.method, mode=mode,
+        dataset=cfg.dataset, subset=cfg.subset or 0, student=cfg.student, method=cfg.method, mode=run.mode,
         teacher=cfg.teacher or "", teacher_acc=float("nan") if teacher_acc is None else float(teacher_acc),
         preset=cfg.preset or "", options=json.dumps(options_dict(plan.method_opts)),
         train_config=json.dumps(dataclasses.asdict(cfg)), epochs=epochs_run, steps=state.step, top1=acc,
         best_top1=state.best, train_seconds=train_seconds, seconds_per_epoch=train_seconds / max(epochs_run, 1),
         seed=cfg.seed, store=str(plan.store.path) if plan.store else "", checkpoint=str(ckpt_path),
-        device=str(device), commit=git_commit())
+        device=str(run.device), commit=git_commit())

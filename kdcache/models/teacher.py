@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kdcache.devices import autocast
 from kdcache.errors import KDCacheError
 from kdcache.files import file_sha256
-from kdcache.models.registry import MODELS, TapModel, build_model
+from kdcache.models.registry import MODELS, TapModel, build_model, check_state_dict, read_checkpoint
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
 
@@ -32,12 +32,32 @@ def teacher_run_name(dataset: str, teacher: str, seed: int = 0) -> str:
     return f"teacher-{dataset}-{teacher}-s{seed}"
 
 
+def check_checkpoint_hash(checkpoint: str | Path, expected_sha256: str, alias: str) -> str:
+    """The sha256 of `checkpoint`, refused when it is not the one a store recorded: a replaced file
+    would give targets of another teacher."""
+    if not Path(checkpoint).is_file():
+        raise KDCacheError(f"teacher checkpoint {checkpoint} (recorded in the store for {alias}) does not exist here",
+                           fix="pass the same file with --teacher-checkpoint PATH (relative paths are read from the "
+                               "folder you run in)")
+    got = file_sha256(checkpoint)
+    if got != expected_sha256:
+        raise KDCacheError(f"teacher checkpoint {checkpoint} has sha256 {got[:12]}..., but the store's targets of {alias} "
+                           f"were made from {expected_sha256[:12]}...: another file replaced it",
+                           fix="pass the checkpoint the store was extracted with (--teacher-checkpoint PATH), or "
+                               "re-extract the store from this one")
+    return got
+
+
 def load_teacher(alias: str, dataset: str, num_classes: int, checkpoint: str | None, pretrained: bool,
-                 checkpoint_dir: str | Path, mean, std) -> tuple[TapModel, dict]:
+                 checkpoint_dir: str | Path, mean, std, expected_sha256: str | None = None) -> tuple[TapModel, dict]:
     """Build the teacher with weights: an explicit checkpoint, hub weights, or the default path.
 
-    Returns the model and what the store records of it: checkpoint path and sha256, normalisation,
-    input size and the accuracy stored in the checkpoint (if any)."""
+    With `expected_sha256` (what a store recorded), a checkpoint with other bytes is refused before
+    it is loaded. A checkpoint is inspected before any weight is loaded (`check_state_dict`: class
+    count against the dataset's, architecture keys and shapes, finite weights and buffers). Returns
+    the model and what the store records of it: checkpoint path and sha256, normalisation, input
+    size, and `checkpoint_acc`, the accuracy the checkpoint claims (None if it says none; never
+    measured here: extraction measures the teacher on the test split itself)."""
     MODELS.get(alias)
     if checkpoint is None and not pretrained:
         default = default_teacher_checkpoint(checkpoint_dir, dataset, alias)
@@ -47,20 +67,20 @@ def load_teacher(alias: str, dataset: str, num_classes: int, checkpoint: str | N
                 fix=f"kdcache teacher --teacher {alias} --dataset {dataset}   (or pass --checkpoint PATH)",
             )
         checkpoint = str(default)
-    model = build_model(alias, num_classes, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+    if checkpoint and expected_sha256:
+        check_checkpoint_hash(checkpoint, expected_sha256, alias)
+    blob, state = read_checkpoint(checkpoint) if checkpoint else ({}, None)
+    model = build_model(alias, num_classes, pretrained=pretrained and checkpoint is None)
     meta = {"checkpoint": checkpoint, "sha256": file_sha256(checkpoint) if checkpoint else None,
-            "mean": tuple(mean), "std": tuple(std), "acc": None, "input_size": model.spec.input_size}
+            "mean": tuple(mean), "std": tuple(std), "checkpoint_acc": None, "input_size": model.spec.input_size}
     if checkpoint:
-        blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if isinstance(blob, dict):
-            if blob.get("num_classes") not in (None, num_classes):
-                raise KDCacheError(
-                    f"checkpoint {checkpoint} has {blob['num_classes']} classes, dataset {dataset} has {num_classes}",
-                    fix="pass a checkpoint trained on this dataset")
-            for key in ("mean", "std", "input_size"):
-                if blob.get(key) is not None:
-                    meta[key] = tuple(blob[key]) if key != "input_size" else int(blob[key])
-            meta["acc"] = blob.get("acc")
+        state = check_state_dict(model, state, checkpoint, meta=blob, classes_of=f"dataset {dataset}",
+                                 retrain=f"kdcache teacher --teacher {alias} --dataset {dataset}")
+        model.load_state_dict(state, strict=True)
+        for key in ("mean", "std", "input_size"):
+            if blob.get(key) is not None:
+                meta[key] = tuple(blob[key]) if key != "input_size" else int(blob[key])
+        meta["checkpoint_acc"] = blob.get("acc")
     elif pretrained:
         cfg = model.net.pretrained_cfg
         meta["mean"], meta["std"] = tuple(cfg.get("mean", mean)), tuple(cfg.get("std", std))
