@@ -93,7 +93,13 @@ def extract(
                         block_n=block_n, blocks=blocks, device=device, subset=subset, data_root=data_root,
                         download=download, checkpoint_dir=checkpoint_dir)
     r = run_extract(cfg)
-    acc = f", teacher top-1 {r.teacher_acc:.2f}%" if r.teacher_acc is not None else ""
+    claimed = r.extra.get("checkpoint_acc")
+    if r.teacher_acc is not None:
+        acc = f", teacher top-1 {r.teacher_acc:.2f}% measured on the test split" + (
+            f" (the checkpoint says {claimed:.2f}%)" if claimed is not None else "")
+    else:
+        acc = (f"; teacher top-1 not measured: {r.extra.get('blocks_done')}/{r.extra.get('blocks_total')} blocks "
+               f"done (it is measured once every block is)")
     typer.echo(f"{r.store}: wrote {r.blocks_written} blocks ({r.images} views, {r.images_per_s:.0f} img/s), "
                f"skipped {r.blocks_skipped} already done{acc}")
 
@@ -121,7 +127,10 @@ def train(
     weight_decay: Optional[float] = None,
     input_size: Optional[int] = None,
     online: bool = typer.Option(False, help="run the teacher live on the same views (reference)"),
+    teacher_checkpoint: Optional[str] = typer.Option(None, help="--online: the teacher's weights (default: the "
+                                                     "file the store recorded; its sha256 must match)"),
     resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
+    tensorboard: bool = typer.Option(False, help="also log each epoch's metrics to <run>/tensorboard"),
     subset: Optional[int] = None,
     seed: int = typer.Option(0, help="initialisation and shuffle seed (the views' seed is the store's)"),
     store_root: str = STORE_ROOT,
@@ -139,6 +148,7 @@ def train(
     cfg = TrainConfig.from_preset(preset, student=student, method=method, teacher=teacher, dataset=dataset,
                         opts=list(opt), epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                         weight_decay=weight_decay, input_size=input_size, online=online, resume=resume,
+                        teacher_checkpoint=teacher_checkpoint, tensorboard=tensorboard,
                         subset=subset, seed=seed, store_root=store_root, out_dir=out_dir, run_name=run_name,
                         results=results, max_steps=max_steps, device=device, data_root=data_root,
                         download=download)
@@ -179,10 +189,10 @@ def list_registries():
 
 @app.command()
 def info(store: str = typer.Argument(..., help="path to a <split>.zarr store")):
-    """What a store holds: views, teachers, completeness, size, fingerprints."""
+    """What a store holds: views, teachers, completeness, size, fingerprints, visible damage (exit 1)."""
     from kdcache.inspect import print_info
 
-    print_info(store)
+    raise typer.Exit(0 if print_info(store) else 1)
 
 
 @app.command()
@@ -191,28 +201,50 @@ def verify(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="default: every teacher in the store"),
     samples: int = typer.Option(64, help="random (sample, view) pairs to replay through the teacher"),
     checkpoint: Optional[str] = typer.Option(None, help="teacher weights (default: the recorded checkpoint)"),
-    no_replay: bool = typer.Option(False, "--no-replay", help="only check chunk checksums"),
+    no_replay: bool = typer.Option(False, "--no-replay", help="only check the store's integrity"),
+    repair: bool = typer.Option(False, "--repair", help="make damage re-extractable: rewrite damaged metadata from "
+                                "its record, clear the done marks of damaged blocks, delete damaged view-table "
+                                "chunks; then re-run the extract command printed"),
     seed: int = 0,
     device: str = DEVICE,
     data_root: Optional[str] = None,
 ):
-    """Check every chunk's checksum and replay sampled views through the teacher; exit 1 if off."""
+    """Read every chunk of the store (checksums, metadata, done marks, tail) and replay sampled views
+    through the teacher; exit 1 if anything is off. --repair prepares the store for a re-extraction."""
     from kdcache.verify import verify_store
 
-    reports = verify_store(store, teacher, samples, seed, checkpoint, device, data_root, replay=not no_replay)
-    bad = False
-    for name, r in reports.items():
-        typer.echo(f"teacher {name}: {r.chunks_checked} chunks checked, {len(r.damaged)} damaged")
-        for d in r.damaged:
-            typer.secho(f"  damaged: {d}", fg="red")
+    report = verify_store(store, teacher, samples, seed, checkpoint, device, data_root, replay=not no_replay,
+                          fix=repair)
+    v = report.views
+    typer.echo(f"view table: {v.chunks_checked} chunks checked, {len(v.damage)} damaged")
+    for d in v.damage:
+        typer.secho(f"  damaged: {d.text}", fg="red")
+    for name, r in report.items():
+        typer.echo(f"teacher {name}: {r.chunks_checked} chunks checked, {len(r.damage)} damaged")
+        for d in r.damage:
+            typer.secho(f"  damaged: {d.text}", fg="red")
         if r.pairs:
             t = r.tolerance
             typer.echo(f"  replayed {r.pairs} (sample, view) pairs: max |logit diff| {r.max_logit_diff:.3g} "
                        f"(tol {t['logit']:g}), max KL {r.max_kl:.3g} (tol {t['kl']:g}), "
                        f"min embed cosine {r.min_embed_cos:.6f} (tol {t['cos']:g})")
-        typer.secho("  OK" if r.ok else "  FAILED", fg="green" if r.ok else "red")
-        bad |= not r.ok
-    raise typer.Exit(1 if bad else 0)
+        if not repair:
+            typer.secho("  OK" if r.ok else "  FAILED", fg="green" if r.ok else "red")
+    if repair:
+        for line in report.repaired:
+            typer.secho(f"repaired: {line}", fg="yellow")
+        left = [d for d in report.damage if not d.repairable]
+        for d in left:
+            typer.secho(f"not repairable here: {d.text}\n  fix: {report.store.fix_for(d)}", fg="red")
+        if report.damage:
+            for cmd in report.next_commands():
+                typer.echo(f"now run: {cmd}")
+        else:
+            typer.secho("nothing to repair", fg="green")
+    elif report.damage:
+        cmds = " ; ".join(report.next_commands())
+        typer.echo(f"fix: kdcache verify {report.store.path} --repair, then {cmds}")
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()
@@ -305,11 +337,24 @@ def main() -> None:
     except KDCacheError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         sys.exit(2)
-    except OSError as exc:  # read-only folder, disk full, permissions: the system's words, no traceback
+    except OSError as exc:  # disk full, read-only folder, permissions, unreadable file: the system's words
+        import errno
+
         where = f" ({exc.filename})" if exc.filename else ""
         typer.secho(f"error: {exc.strerror or exc}{where}", fg="red", err=True)
-        typer.secho("  fix: check that the folder is writable and the disk has space (--store-root, --out-dir, "
-                    "--results choose where files go); re-running resumes where it stopped", err=True)
+        # only a failed write is about free space and writable folders; a failed read is about the file
+        folders, resume = "(--store-root, --out-dir, --results choose where files go)", "; re-running resumes"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            fix = f"free disk space, or write elsewhere {folders}{resume}"
+        elif exc.errno == errno.EROFS:
+            fix = f"the file system is read-only: write elsewhere {folders}{resume}"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            fix = f"check the permissions of the file or folder named above {folders}{resume}"
+        elif exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+            fix = "check the path named above (relative paths are read from the folder you run in)"
+        else:
+            fix = "the file named above could not be read or written: replace or delete it if it is damaged"
+        typer.secho(f"  fix: {fix}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted; re-run the same command to resume", err=True)

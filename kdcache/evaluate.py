@@ -1,9 +1,13 @@
-"""Evaluation: top-1 accuracy of any model on a split, through the deterministic `eval` view."""
+"""Evaluation: top-1, top-5 and test loss of any model on a split, through the deterministic
+`eval` view (resize / centre region at the model's input size)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kdcache.data import get_recipe, view_table
 from kdcache.data.loader import RenderSpec, iter_views
@@ -11,18 +15,33 @@ from kdcache.devices import autocast
 from kdcache.models import TapModel
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    top1: float  # %
+    top5: float  # % (equal to 100 with 5 classes or fewer)
+    loss: float  # mean cross-entropy on the split
+
+
 @torch.inference_mode()
-def evaluate_model(model: TapModel, dataset, spec: RenderSpec, device: torch.device,
-                   batch_size: int = 512) -> float:
-    """Top-1 accuracy (%) on a split with the deterministic eval view."""
+def evaluate(model: TapModel, dataset, spec: RenderSpec, device: torch.device, batch_size: int = 512) -> Evaluation:
     n = len(dataset)
     _, params = view_table(get_recipe("eval"), 0, dataset.keys, *dataset.sizes(), 1)
-    correct = 0
+    top1 = top5 = 0
+    loss = 0.0
     was = model.training
     model.eval()
     for (x,), idx in iter_views(dataset, np.arange(n), params[0], [spec], batch_size, device):
         with autocast(device):
-            pred = model(x).logits.argmax(1).cpu().numpy()
-        correct += int((pred == dataset.labels[idx]).sum())
+            logits = model(x).logits.float()
+        labels = torch.from_numpy(dataset.labels[idx]).to(logits.device)
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(1).sum())
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
     model.train(was)
-    return 100.0 * correct / n
+    return Evaluation(100.0 * top1 / n, 100.0 * top5 / n, loss / n)
+
+
+def evaluate_model(model: TapModel, dataset, spec: RenderSpec, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy (%) on a split with the deterministic eval view."""
+    return evaluate(model, dataset, spec, device, batch_size).top1

@@ -27,6 +27,8 @@ from kdcache.files import atomic_torch_save, atomic_write, exclusive
 from kdcache.results import RunResult, append_result
 
 CHECKPOINT = "last.pt"
+BEST = "best.pt"
+WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
 
@@ -115,11 +117,25 @@ class RunFolder:
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def save(self, state: RunState, modules: dict[str, Any], extra: dict[str, Any]) -> None:
-        atomic_torch_save({**{k: m.state_dict() for k, m in modules.items()}, "epoch": state.epoch,
-                           "step": state.step, "best": state.best, "history": state.history,
-                           "rng": torch.get_rng_state(), "identity": self.identity, "acc": state.top1, **extra},
-                          self.checkpoint)
+    def save(self, state: RunState, modules: dict[str, Any], extra: dict[str, Any], is_best: bool) -> None:
+        """`last.pt` (everything `--resume` needs), and `best.pt` too when this epoch is the best."""
+        blob = {**{k: m.state_dict() for k, m in modules.items()}, "epoch": state.epoch, "step": state.step,
+                "best": state.best, "history": state.history, "rng": torch.get_rng_state(),
+                "identity": self.identity, "acc": state.top1, **extra}
+        atomic_torch_save(blob, self.checkpoint)
+        if is_best:
+            atomic_torch_save(blob, self.path / BEST)
+
+    def export_weights(self, net: torch.nn.Module, metadata: dict[str, Any]) -> Path:
+        """The model as a plain state dict (safetensors) that `timm.create_model(...).load_state_dict`
+        takes as it is, with what it was trained for in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()}
+        path = self.path / WEIGHTS
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        return path
 
     def recorded_result(self) -> RunResult | None:
         path = self.path / RESULT

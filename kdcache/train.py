@@ -26,12 +26,13 @@ from kdcache.data import epoch_views, get_recipe, key_hashes, load_dataset, view
 from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast, resolve_device
 from kdcache.errors import KDCacheError
-from kdcache.evaluate import evaluate_model
+from kdcache.evaluate import evaluate
 from kdcache.files import atomic_torch_save
 from kdcache.methods import Method, Needs, TeacherInfo, options_dict, resolve_method
 from kdcache.models import MODELS, build_model, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR
 from kdcache.presets import PRESETS, preset_for
+from kdcache.progress import ProgressLog
 from kdcache.results import RunResult, git_commit
 from kdcache.runs import RunFolder, RunState, identity_digest
 from kdcache.sources import CachedTargets, NoTargets, OnlineTargets, check_cache_serves, teacher_info
@@ -80,6 +81,7 @@ class TrainConfig:
     data_root: str | None = None
     download: bool = False
     progress: bool = True
+    tensorboard: bool = False  # also log every epoch's metrics to <run>/tensorboard
     save_teacher_to: str | None = None  # teacher training: copy the final checkpoint here
     checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR  # online: where the default teacher checkpoint is looked for
 
@@ -308,6 +310,9 @@ def run_train(cfg: TrainConfig) -> RunResult:
             print(f"note: run {folder.path.name} finished already (top-1 {recorded.top1:.2f}%); nothing to train")
             return folder.finish(recorded, cfg.results)
         acc, train_seconds = train_loop(run, folder, state)
+        folder.export_weights(run.student.net, {"alias": cfg.student, "timm_name": run.student.spec.timm_name,
+                                                "num_classes": run.train.num_classes, "input_size": run.specs[0].size,
+                                                "mean": list(run.train.mean), "std": list(run.train.std)})
         if cfg.save_teacher_to:
             export_teacher(folder.checkpoint, cfg.save_teacher_to)
         return folder.finish(make_result(run, state, acc, train_seconds, folder.checkpoint), cfg.results)
@@ -320,15 +325,14 @@ def is_finished(state: RunState, cfg: TrainConfig) -> bool:
 def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, float]:
     """The epochs: views of the epoch, targets from the source, a step per batch, then eval and a
     checkpoint. Returns (last top-1, training seconds over all epochs, resumed ones included)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     cfg, plan, device, student, method, opt = run.cfg, run.plan, run.device, run.student, run.method, run.opt
     n, steps_per_epoch = len(run.train), math.ceil(len(run.train) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = steps_per_epoch * cfg.epochs  # the lr schedule's length (max_steps only stops early)
+    shown = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
     train_seconds, acc = sum(h["seconds"] for h in state.history), state.top1
-    with Progress(TextColumn(folder.path.name), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
-        task = bar.add_task("train", total=total_steps, completed=state.step, info="")
+    board = tensorboard_writer(folder.path) if cfg.tensorboard else None
+    with ProgressLog(f"train {folder.path.name}", shown, "steps", done=state.step,
+                     enabled=cfg.progress) as progress:
         for epoch in range(state.epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             view_ids = epoch_views(plan.recipe, plan.num_views, plan.view_seed, plan.key_hash, epoch)
@@ -359,23 +363,57 @@ def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, flo
                 step_ends.append(time.perf_counter())
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-                bar.update(task, advance=1, info=f"epoch {epoch + 1} loss {float(loss.detach()):.3f} top1 {acc:.2f}")
+                progress.advance(1, f"epoch {epoch + 1}/{cfg.epochs} loss {float(loss.detach()):.4f}")
             run.source.end_epoch()
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds
+            row = epoch_row(state, epoch, seconds, step_ends, opt.param_groups[0]["lr"], sums, cfg.batch_size)
             if cfg.eval_every and (is_finished(state, cfg) or epoch + 1 == cfg.epochs
                                    or (epoch + 1) % cfg.eval_every == 0):
-                acc = evaluate_model(student, run.test, run.specs[0], device)
+                ev = evaluate(student, run.test, run.specs[0], device)
+                acc, is_best = ev.top1, ev.top1 > state.best or not state.history
                 state.best = max(state.best, acc)
-            batches = max(1, state.step - (state.history[-1]["step"] if state.history else 0))
-            folder.log_epoch(state, {
-                "epoch": epoch + 1, "step": state.step, "top1": acc, "seconds": seconds,
-                "step_s_median": float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan"),
-                "lr": opt.param_groups[0]["lr"], **{k: v / batches for k, v in sums.items()}})
-            folder.save(state, run.modules, run.checkpoint_extra())
+                row.update(top1=ev.top1, top5=ev.top5, test_loss=ev.loss)
+            else:
+                row["top1"], is_best = acc, False
+            folder.log_epoch(state, row)
+            folder.save(state, run.modules, run.checkpoint_extra(), is_best)
+            progress.note(describe_epoch(row, cfg.epochs, progress))
+            if board is not None:
+                for key, value in row.items():
+                    board.add_scalar(key, value, state.step)
             if is_finished(state, cfg):
                 break
+    if board is not None:
+        board.close()
     return acc, train_seconds
+
+
+def epoch_row(state: RunState, epoch: int, seconds: float, step_ends: list[float], lr: float,
+              sums: dict[str, float], batch_size: int) -> dict[str, float]:
+    """One line of metrics.jsonl: the epoch's time, speed, lr and mean of every loss term."""
+    batches = max(1, state.step - (state.history[-1]["step"] if state.history else 0))
+    step_s = float(np.median(np.diff(step_ends))) if len(step_ends) > 1 else float("nan")
+    return {"epoch": epoch + 1, "step": state.step, "seconds": seconds, "step_s_median": step_s,
+            "images_per_s": batch_size / step_s if step_s > 0 else float("nan"), "lr": lr,
+            **{k: v / batches for k, v in sums.items()}}
+
+
+def describe_epoch(row: dict, epochs: int, progress: ProgressLog) -> str:
+    skip = {"epoch", "step", "seconds", "step_s_median", "images_per_s", "lr", "top1", "top5", "test_loss"}
+    terms = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in skip)
+    evals = f"top1 {row['top1']:.2f} top5 {row['top5']:.2f} test loss {row['test_loss']:.4f}" if "top5" in row \
+        else f"top1 {row['top1']:.2f} (not evaluated this epoch)"
+    return (f"epoch {row['epoch']}/{epochs} done: {terms}; {evals}; {row['images_per_s']:.0f} img/s, "
+            f"{row['seconds']:.0f}s, ETA {progress.eta()}")
+
+
+def tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise KDCacheError("--tensorboard needs the tensorboard package", fix="pip install tensorboard") from exc
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def make_result(run: Run, state: RunState, acc: float, train_seconds: float, ckpt_path: Path) -> RunResult:

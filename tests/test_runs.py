@@ -144,3 +144,38 @@ def test_cli_resume_with_other_settings_exits_2_in_one_line(root, flag):
     out = subprocess.run(base + flag.split() + ["--resume"], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: run folder") and "other settings" in out.stderr.splitlines()[0]
+
+
+def test_cli_train_in_a_pipe_prints_timestamped_progress_and_leaves_usable_outputs(root):
+    """Output to a pipe (a log): step lines and epoch lines, each timestamped, none cut; the run
+    folder holds last.pt, best.pt and a plain state dict that timm's model loads as it is."""
+    import re
+
+    import timm
+    from safetensors.torch import load_file
+
+    from kdcache.models import MODELS
+
+    out = subprocess.run([KDCACHE, "train", "--student", "deit_pico", "--teacher", "resnet10t", "--dataset",
+                          "synthetic", "--store-root", str(root / "cache"), "--out-dir", str(root / "runs"),
+                          "--results", str(root / "r.parquet"), "--run-name", "piped", "--epochs", "2",
+                          "--device", "cpu"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train piped: "
+    steps = [x for x in out.stdout.splitlines() if re.match(stamp + r"\d+/\d+ steps \(\d+%\) epoch \d/2 loss", x)]
+    epochs = [x for x in out.stdout.splitlines() if re.match(stamp + r"epoch \d/2 done: .*top1 .*top5 .*ETA", x)]
+    assert len(steps) >= 2 and len(epochs) == 2, out.stdout
+    assert max(map(len, epochs)) > 80 and "…" not in out.stdout  # not cut to the terminal-less 80 columns
+    run_dir = root / "runs" / "piped"
+    assert {"last.pt", "best.pt", "model.safetensors", "metrics.jsonl", "result.json"} <= {p.name for p in run_dir.iterdir()}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all({"top1", "top5", "test_loss", "images_per_s"} <= set(r) for r in rows)
+    spec = MODELS.get("deit_pico")
+    meta = json.loads((run_dir / "result.json").read_text())
+    assert meta["student"] == "deit_pico"
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "model.safetensors", "pt") as f:
+        num_classes = int(f.metadata()["num_classes"])
+    net = timm.create_model(spec.timm_name, num_classes=num_classes, **spec.kwargs)
+    net.load_state_dict(load_file(run_dir / "model.safetensors"))  # strict: every key, no prefix
