@@ -61,7 +61,7 @@ def extract(
     checkpoint: Optional[str] = typer.Option(None, help="teacher weights (default checkpoints/<dataset>/<teacher>.pt)"),
     pretrained: bool = typer.Option(False, help="use timm hub weights"),
     checkpoint_dir: str = typer.Option("checkpoints", help="where `kdcache teacher` saved checkpoints"),
-    recipe: str = typer.Option("cifar", help="view recipe: cifar (162 views), rrc, eval"),
+    recipe: str = typer.Option("cifar", help="view recipe: cifar (all 162 pad-crop/flip views), padcrop (the same, one sampled view per epoch), rrc (RandomResizedCrop + flip), eval"),
     views: Optional[int] = typer.Option(None, help="number of views (default: the recipe's)"),
     methods: str = typer.Option("kd", help="comma-separated methods the store must serve"),
     student_family: str = typer.Option("cnn", help="student family for family-dependent needs (FBT)"),
@@ -114,18 +114,24 @@ def _refuse_renamed(old: str, value, new: str) -> None:
 
 @app.command()
 def train(
-    student: str = typer.Option(..., "--student", "-s"),
-    method: str = typer.Option("kd", "--method", "-m"),
-    teacher: Optional[str] = typer.Option(None, "--teacher", "-t"),
+    student: Optional[str] = typer.Option(None, "--student", "-s", help="model alias (kdcache list); default: the "
+                                          "dataset's (mixer_pico for fashion-mnist, resnet18 for cifar100)"),
+    method: str = typer.Option("kd", "--method", "-m", help="NAME or NAME:PRESET, e.g. kd, hcd, kd:mdistiller, "
+                               "dkd:mdistiller, ofa:cifar (kdcache list shows every method's options and presets)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="default: the store's teacher when it "
+                                          "holds exactly one"),
     dataset: str = DATASET,
-    opt: List[str] = typer.Option([], "--opt", help="method option KEY=VALUE (repeatable)"),
-    preset: Optional[str] = typer.Option(None, help="training preset (default by student family)"),
-    epochs: Optional[int] = None,
-    lr: Optional[float] = None,
-    batch_size: Optional[int] = None,
-    optimizer: Optional[str] = None,
-    weight_decay: Optional[float] = None,
-    input_size: Optional[int] = None,
+    method_opt: List[str] = typer.Option([], "--method-opt", help="method option KEY=VALUE, repeatable "
+                                         "(e.g. --method-opt T=4); applied after the method preset"),
+    old_opt: List[str] = typer.Option([], "--opt", hidden=True),
+    preset: Optional[str] = typer.Option(None, help="training preset (kdcache list); default by the student's "
+                                         "family and the dataset"),
+    epochs: Optional[int] = typer.Option(None, help="default: the preset's"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate; default: the preset's"),
+    batch_size: Optional[int] = typer.Option(None, help="default: the preset's"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adamw; default: the preset's"),
+    weight_decay: Optional[float] = typer.Option(None, help="default: the preset's"),
+    input_size: Optional[int] = typer.Option(None, help="student input size; default: the model's"),
     online: bool = typer.Option(False, help="run the teacher live on the same views (reference)"),
     teacher_checkpoint: Optional[str] = typer.Option(None, help="--online: the teacher's weights (default: the "
                                                      "file the store recorded; its sha256 must match)"),
@@ -143,10 +149,17 @@ def train(
     download: bool = False,
 ):
     """Stage two: train a student from the cache (or --online with the teacher live)."""
+    from kdcache.presets import default_student
     from kdcache.train import TrainConfig, run_train
 
+    if old_opt:
+        _refuse_renamed("--opt", old_opt[0], "--method-opt (timm's --opt is the optimiser: here --optimizer)")
+    if student is None:
+        student = default_student(dataset)
+        typer.echo(f"note: student {student} (the default for {dataset}; --student chooses)")
+    _hint_pipeline_options(dataset, method, method_opt)
     cfg = TrainConfig.from_preset(preset, student=student, method=method, teacher=teacher, dataset=dataset,
-                        opts=list(opt), epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                        opts=list(method_opt), epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                         weight_decay=weight_decay, input_size=input_size, online=online, resume=resume,
                         teacher_checkpoint=teacher_checkpoint, tensorboard=tensorboard,
                         subset=subset, seed=seed, store_root=store_root, out_dir=out_dir, run_name=run_name,
@@ -155,6 +168,23 @@ def train(
     r = run_train(cfg)
     typer.echo(f"{r.student} <- {r.teacher or '-'} [{r.method}, {r.mode}]: top-1 {r.top1:.2f}% "
                f"(best {r.best_top1:.2f}%) in {r.train_seconds:.0f}s; {r.checkpoint}")
+
+
+def _hint_pipeline_options(dataset: str, method: str, given: list[str]) -> None:
+    """Say so when the dataset's own pipeline runs this method with other options than the ones
+    given (e.g. HCD on Fashion-MNIST, whose paper default falls below ce in a short run)."""
+    from pathlib import Path
+
+    path = Path("pipelines") / f"{dataset}.toml"
+    if given or ":" in method or not path.is_file():
+        return
+    import tomllib
+
+    options = tomllib.loads(path.read_text()).get("options", {}).get(method)
+    if options:
+        flags = " ".join(f"--method-opt {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
+        typer.echo(f"note: {path} runs {method} with {flags} (see the comment there); this run uses the "
+                   "method's defaults")
 
 
 @app.command("list")

@@ -160,6 +160,23 @@ class Plan:
         return "none" if self.cache is None else "cached"
 
 
+def with_store_teacher(cfg: TrainConfig) -> TrainConfig:
+    """A teacher-reading method without `--teacher`: the store's teacher when it holds exactly one
+    (said so), else an error naming the flag and the store's teachers."""
+    method_cls, opts = resolve_method(cfg.method, cfg.opts)
+    if cfg.teacher or not method_cls.needs(opts, None, MODELS.get(cfg.student).family).teacher:
+        return cfg
+    path = store_path(cfg.store_root, cfg.dataset, "train")
+    names = Store.open(path).teacher_names()
+    if len(names) != 1:
+        raise KDCacheError(f"method {cfg.method} needs a teacher and {path} holds "
+                           + (f"{len(names)}: {', '.join(names)}" if names else "none"),
+                           fix="pass --teacher NAME" + (f" (one of {', '.join(names)})" if names else
+                                                         f"; first: kdcache extract --teacher NAME --dataset {cfg.dataset}"))
+    print(f"note: teacher {names[0]} (the only teacher in {path}; --teacher chooses)")
+    return dataclasses.replace(cfg, teacher=names[0])
+
+
 def plan_run(cfg: TrainConfig, train) -> Plan:
     sspec = MODELS.get(cfg.student)
     method_cls, opts = resolve_method(cfg.method, cfg.opts)
@@ -281,6 +298,7 @@ class Run:
 
 def setup_run(cfg: TrainConfig) -> Run:
     check_train_config(cfg)
+    cfg = with_store_teacher(cfg)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
     test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download)
@@ -301,6 +319,7 @@ def setup_run(cfg: TrainConfig) -> Run:
 def run_train(cfg: TrainConfig) -> RunResult:
     """Train (or resume, or report the already finished) run of `cfg`; one result row per run."""
     run = setup_run(cfg)
+    cfg = run.cfg  # with the teacher it chose
     identity = run_identity(cfg, run.plan, run.train, run.mode)
     folder = RunFolder(Path(cfg.out_dir) / run_name(cfg, run.mode, identity), identity)
     with folder.held():

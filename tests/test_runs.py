@@ -133,7 +133,7 @@ def test_online_refuses_a_replaced_checkpoint_and_takes_the_right_one_by_flag(ro
     assert ok.mode == "online" and ok.steps == 2
 
 
-@pytest.mark.parametrize("flag", ["--opt T=8", "--lr 0.5"])
+@pytest.mark.parametrize("flag", ["--method-opt T=8", "--lr 0.5"])
 def test_cli_resume_with_other_settings_exits_2_in_one_line(root, flag):
     base = [KDCACHE, "train", "--student", "deit_pico", "--teacher", "resnet10t", "--dataset", "synthetic",
             "--store-root", str(root / "cache"), "--out-dir", str(root / "runs"), "--results",
@@ -179,3 +179,21 @@ def test_cli_train_in_a_pipe_prints_timestamped_progress_and_leaves_usable_outpu
         num_classes = int(f.metadata()["num_classes"])
     net = timm.create_model(spec.timm_name, num_classes=num_classes, **spec.kwargs)
     net.load_state_dict(load_file(run_dir / "model.safetensors"))  # strict: every key, no prefix
+
+
+def test_train_takes_the_stores_only_teacher_and_the_datasets_student(root, capsys):
+    r = run_train(_cfg(root, teacher=None, run_name="short"))
+    assert r.teacher == "resnet10t" and "note: teacher resnet10t (the only teacher" in capsys.readouterr().out
+    out = subprocess.run([KDCACHE, "train", "--dataset", "synthetic", "--store-root", str(root / "cache"),
+                          "--out-dir", str(root / "runs"), "--results", str(root / "r.parquet"), "--max-steps", "1",
+                          "--device", "cpu"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "note: student mixer_pico (the default for synthetic" in out.stdout
+    assert "mixer_pico <- resnet10t [kd, cached]" in out.stdout
+
+
+def test_a_store_of_several_teachers_needs_the_flag(root):
+    shutil.copytree(root / "cache" / "synthetic" / "train.zarr" / "teachers" / "resnet10t",
+                    root / "cache" / "synthetic" / "train.zarr" / "teachers" / "twin")
+    with pytest.raises(KDCacheError, match=r"(?s)holds 2: resnet10t, twin.*--teacher NAME \(one of resnet10t, twin\)"):
+        run_train(_cfg(root, teacher=None))

@@ -11,7 +11,7 @@ A method is a small `nn.Module` in its own file. It:
   overrides it. The trainer calls it on every method and never probes for method-specific hooks;
 - maps (student outputs, teacher targets, labels) to a dict of named losses; the trainer sums the
   dict and logs every entry by name.
-Options are a typed dataclass per method; `--opt key=value` on the command line overrides them.
+Options are a typed dataclass per method; `--method-opt key=value` on the command line overrides them.
 `Needs`, `TeacherInfo` and `TeacherTargets` live in `kdcache.targets` and are re-exported here.
 """
 
@@ -89,7 +89,7 @@ def _coerce(value: str, target: Any, key: str, method: str) -> Any:
         raise KDCacheError(
             f"option {key}={value!r} of method {method} is not a valid {type(target).__name__}",
             expected=f"a {type(target).__name__} like {target!r}",
-            fix=f"--opt {key}={target!r}",
+            fix=f"--method-opt {key}={target!r}",
         ) from exc
     return value
 
@@ -104,7 +104,7 @@ def build_options(method: type[Method], overrides: dict[str, Any] | list[str] | 
         pairs = {}
         for item in overrides:
             if "=" not in item:
-                raise KDCacheError(f"option {item!r} has no '='", expected="KEY=VALUE, e.g. --opt T=4")
+                raise KDCacheError(f"option {item!r} has no '='", expected="KEY=VALUE, e.g. --method-opt T=4")
             k, v = item.split("=", 1)
             pairs[k.strip()] = v.strip()
         overrides = pairs
@@ -132,7 +132,7 @@ def resolve_method(spec: str, overrides: list[str] | dict[str, Any] | None = Non
         if preset not in cls.PRESETS:
             raise KDCacheError(f"method {name} has no preset {preset!r}",
                                expected=f"one of: {', '.join(cls.PRESETS) or '(none)'}",
-                               fix=f"--method {name}:PRESET, or --method {name} with --opt KEY=VALUE")
+                               fix=f"--method {name}:PRESET, or --method {name} with --method-opt KEY=VALUE")
         base = dict(cls.PRESETS[preset])
     return cls, build_options(cls, overrides, base=build_options(cls, base))
 

@@ -171,10 +171,10 @@ class FBT(Method):
         if opts.negatives not in NEGATIVES or opts.target not in TARGETS:
             raise KDCacheError(f"fbt options negatives={opts.negatives!r} target={opts.target!r}",
                                expected=f"negatives in {NEGATIVES}, target in {TARGETS}",
-                               fix="--opt negatives=batch --opt target=first")
+                               fix="--method-opt negatives=batch --method-opt target=first")
         if opts.temperature <= 0 or opts.proj_dim < 1:
             raise KDCacheError(f"fbt temperature {opts.temperature} / proj_dim {opts.proj_dim} out of range",
-                               expected="temperature > 0 and proj_dim >= 1", fix="--opt temperature=0.07")
+                               expected="temperature > 0 and proj_dim >= 1", fix="--method-opt temperature=0.07")
         if teacher is None:
             raise KDCacheError("fbt needs a teacher", fix="pass --teacher ALIAS")
         missing = [who for who, info in (("student", student), ("teacher", teacher)) if len(info.stage_shapes) < 3]

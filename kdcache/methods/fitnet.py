@@ -64,10 +64,10 @@ class FitNet(Method):
         bad = [s for s in opts.stages if s not in (1, 2, 3, 4)]
         if bad or not opts.stages or len(set(opts.stages)) != len(opts.stages):
             raise KDCacheError(f"fitnet stages {opts.stages!r} are not distinct stage numbers 1..4",
-                               expected="e.g. stages=(3,) or stages=(1,2,3,4)", fix="--opt stages=3")
+                               expected="e.g. stages=(3,) or stages=(1,2,3,4)", fix="--method-opt stages=3")
         if opts.resize not in RESIZES:
             raise KDCacheError(f"fitnet resize {opts.resize!r} is unknown", expected=" or ".join(RESIZES),
-                               fix="--opt resize=pool")
+                               fix="--method-opt resize=pool")
         missing = [who for who, info in (("student", student), ("teacher", teacher))
                    if info is None or len(info.stage_shapes) < 4]
         if missing:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 
 def ce_ls(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
-    """Cross-entropy with label smoothing (CE_ls of methods.md)."""
+    """Cross-entropy with label smoothing (CE_ls of docs/methods.md)."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
 
 

@@ -1,6 +1,6 @@
 """HCD: heterogeneous complementary distillation (arXiv 2511.10942, AAAI 2026).
 
-Per stage i (methods.md, "HCD"): OFA's projector up to the pooled vector h_i (CNN students: the
+Per stage i (docs/methods.md, "hcd"): OFA's projector up to the pooled vector h_i (CNN students: the
 SepConv stack, width W = max(D_s, D_t); ViT/MLP/Swin students: the token projector, width D_s);
 a Complementary Feature Mapper on [h_i ; f_t] (teacher embedding, a constant) gives u_i (B, k*C),
 reshaped to k sub-logits (B, k, C) and fused with the teacher logits, z_ij = u_ij + z_t. Per stage:
@@ -84,7 +84,7 @@ class ComplementaryMapper(nn.Module):
             self.net = nn.Sequential(nn.Linear(width + teacher_dim, k * num_classes))
         else:
             raise KDCacheError(f"hcd mapper_layers={layers} is not supported", expected="2 (default) or 1",
-                               fix="--opt mapper_layers=2")
+                               fix="--method-opt mapper_layers=2")
         init_projector_weights(self)
 
     def forward(self, h: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
@@ -118,10 +118,10 @@ class HCD(Method):
         check_pair(self.name, student, teacher)
         if opts.stage_reduce not in STAGE_REDUCES:
             raise KDCacheError(f"hcd stage_reduce {opts.stage_reduce!r} is unknown",
-                               expected=" or ".join(STAGE_REDUCES), fix="--opt stage_reduce=sum")
+                               expected=" or ".join(STAGE_REDUCES), fix="--method-opt stage_reduce=sum")
         if opts.k < 2:
             raise KDCacheError(f"hcd k={opts.k} gives no pairs for the orthogonality loss",
-                               expected="k >= 2 (paper: 4)", fix="--opt k=4")
+                               expected="k >= 2 (paper: 4)", fix="--method-opt k=4")
         self.projectors = build_stage_projectors(student, teacher, opts.stages)
         self.mappers = nn.ModuleDict({
             key: ComplementaryMapper(p.out_dim, teacher.embed_dim, student.num_classes, opts.k, opts.mapper_layers)

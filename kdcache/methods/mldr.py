@@ -1,7 +1,7 @@
 """Multi-Level Decoupled Relational Knowledge Distillation for heterogeneous architectures (MLDR-KD;
 arXiv 2502.06189).
 
-Two parts (methods.md, "MLDR-KD"):
+Two parts (docs/methods.md, "mldr"):
 - DFRA(z, z_t) = L_cls + L_smp + alpha * L_prob on s = z/T, t = z_t/T (teacher detached), with
   scale C^-1/2: the class relation of each sample, R_cls[b] = s_b s_b^T * scale (C x C), and the
   sample relation of each class, R_smp[c] = s[:, c] s[:, c]^T * scale (B x B, the same scale);
@@ -100,7 +100,7 @@ class MLDR(Method):
         check_pair(self.name, student, teacher)
         if opts.gate_hidden < 0:
             raise KDCacheError(f"mldr gate_hidden={opts.gate_hidden} is negative",
-                               expected="0 (4 * classes) or a positive width", fix="--opt gate_hidden=0")
+                               expected="0 (4 * classes) or a positive width", fix="--method-opt gate_hidden=0")
         C = student.num_classes
         self.projectors = build_stage_projectors(student, teacher, opts.stages)
         width = {p.out_dim for p in self.projectors.values()}

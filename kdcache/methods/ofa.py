@@ -54,7 +54,7 @@ class OFA(Method):
             raise KDCacheError(f"ofa stage_eps {opts.stage_eps!r} has {len(opts.stage_eps)} values for "
                                f"{len(opts.stages)} stages {opts.stages!r}",
                                expected="one eps per stage, or none (all equal to eps)",
-                               fix="--opt stage_eps=1,1,1,1")
+                               fix="--method-opt stage_eps=1,1,1,1")
         self.projectors = build_stage_projectors(student, teacher, opts.stages)
         self.heads = nn.ModuleDict({k: nn.Linear(p.out_dim, student.num_classes) for k, p in self.projectors.items()})
         init_projector_weights(self.heads)

@@ -1,4 +1,4 @@
-"""OFA-KD's stage projectors, shared by ofa, mldr and hcd (methods.md, "OFA-KD"), and the checks
+"""OFA-KD's stage projectors, shared by ofa, mldr and hcd (docs/methods.md, "Stage projectors"), and the checks
 those methods share on their options and on the (student, teacher) pair (`check_stages`, `check_pair`).
 
 A projector maps one student stage map (NCHW, as `ModelOutputs.stages` gives for every family) to a
@@ -41,7 +41,7 @@ def check_stages(method: str, stages: tuple[int, ...]) -> None:
     """Stages must be distinct numbers 1..4 (shared by ofa, mldr, hcd)."""
     if not stages or len(set(stages)) != len(stages) or any(s not in (1, 2, 3, 4) for s in stages):
         raise KDCacheError(f"{method} stages {stages!r} are not distinct stage numbers 1..4",
-                           expected="e.g. stages=(1,2,3,4)", fix="--opt stages=1,2,3,4")
+                           expected="e.g. stages=(1,2,3,4)", fix="--method-opt stages=1,2,3,4")
 
 
 def check_pair(method: str, student, teacher) -> None:
@@ -192,7 +192,7 @@ def build_stage_projector(student: ModelInfo, teacher, stage: int) -> nn.Module:
                            expected="four (C, H, W) stage shapes from `describe`",
                            fix="measure the student with kdcache.models.describe(model)")
     if stage not in (1, 2, 3, 4):
-        raise KDCacheError(f"stage {stage} is not a stage number", expected="1, 2, 3 or 4", fix="--opt stages=1,2,3,4")
+        raise KDCacheError(f"stage {stage} is not a stage number", expected="1, 2, 3 or 4", fix="--method-opt stages=1,2,3,4")
     c, h, w = student.stage_shapes[stage - 1]
     if student.family == "cnn":
         return CNNStageProjector(stage, c, cnn_width(student, teacher))
