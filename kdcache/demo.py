@@ -56,14 +56,22 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         console.rule(f"3/3 student {cfg.student} with {method}")
         opts = list(cfg.kd_opts) if method == "kd" else []
         r = run_train(TrainConfig.from_preset(
-            None, student=cfg.student, teacher=cfg.teacher, method=method, dataset=cfg.dataset, subset=cfg.subset,
+            None, student=cfg.student, teacher=cfg.teacher if method != "ce" else None, method=method, dataset=cfg.dataset, subset=cfg.subset,
             opts=opts, epochs=cfg.epochs, store_root=str(root / "cache"), out_dir=str(root / "runs"),
             results=results, device=cfg.device))
-        rows.append({"method": method, "top1": r.top1, "seconds": r.train_seconds})
+        rows.append({"method": method, "top1": r.top1, "seconds": r.train_seconds, "run": Path(r.checkpoint).parent})
     table = Table(title=f"kdcache demo on {cfg.dataset} ({cfg.subset} training samples, full test set)")
     table.add_column("model"), table.add_column("top-1 %", justify="right"), table.add_column("train s", justify="right")
     table.add_row(f"teacher {cfg.teacher}", f"{ex.teacher_acc:.2f}", "")
     for row in rows:
         table.add_row(f"student {cfg.student}, {row['method']}", f"{row['top1']:.2f}", f"{row['seconds']:.0f}")
     console.print(table)
+    report_dir = root / "results" / "demo"
+    console.print("outputs:")
+    console.print(f"  teacher checkpoint  {ckpt}")
+    console.print(f"  store               {ex.store}   (kdcache info {ex.store})")
+    for row in rows:
+        console.print(f"  student run {row['method']:<7} {row['run']}/   (last.pt, best.pt, model.safetensors, metrics.jsonl)")
+    console.print(f"  results table       {results}")
+    console.print(f"report: kdcache report --results {results} --out {report_dir}")
     return [{"model": "teacher", "top1": ex.teacher_acc}] + rows
