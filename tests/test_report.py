@@ -20,7 +20,7 @@ def _row(tmp_path, *, dataset="cifar100", teacher="swin_t", student="resnet18", 
     with open(run_dir / "metrics.jsonl", "w") as f:
         for e, a in enumerate(curve, 1):
             f.write(json.dumps({"epoch": e, "step": 10 * e, "top1": a, "seconds": 1.0}) + "\n")
-    return RunResult(run_id=name, finished=finished, dataset=dataset, subset=subset, student=student, method=method,
+    return RunResult(run_id=f"{name}@{finished}", finished=finished, dataset=dataset, subset=subset, student=student, method=method,
                      mode="cached" if teacher else "none", teacher=teacher, teacher_acc=teacher_acc if teacher
                      else math.nan, preset="p", options="{}", train_config=json.dumps({"run_name": name}),
                      epochs=len(curve) or 1, steps=10, top1=top1, best_top1=top1, train_seconds=1.0,
