@@ -43,5 +43,8 @@ cifar-all: setup
 imagenet-all: setup
 	$(KDCACHE) sweep pipelines/imagenet.toml && $(KDCACHE) report --pipeline pipelines/imagenet.toml
 
+# What the commands create; never the committed results (results/bench.parquet, results/fashion-mnist*).
 clean:
-	rm -rf cache runs checkpoints results/runs.parquet
+	rm -rf cache runs checkpoints .pytest_cache
+	rm -rf results/runs.parquet results/demo.parquet results/smoke* results/report
+	test ! -d results || find results -name '*.lock' -type f -delete

@@ -1,4 +1,4 @@
-"""The floors of docs/design.md, kept by parsing every module's imports (lazy ones included).
+"""The floors of docs/architecture.md, kept by parsing every module's imports (lazy ones included).
 
 Imports run downward only: a module may import a lower floor, or its own package on the same
 floor (data/ inside data/, ...); never a higher floor, never a sibling on its floor (extract and
