@@ -79,3 +79,15 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def portable_path(path: str | Path) -> str:
+    """`path` relative to the working folder when it lies inside it (what a results table or a
+    report keeps, so that it reads the same on another machine), else as given."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)

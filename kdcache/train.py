@@ -27,7 +27,7 @@ from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast, resolve_device
 from kdcache.errors import KDCacheError
 from kdcache.evaluate import evaluate
-from kdcache.files import atomic_torch_save
+from kdcache.files import atomic_torch_save, portable_path
 from kdcache.methods import Method, Needs, TeacherInfo, options_dict, resolve_method
 from kdcache.models import MODELS, build_model, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR
@@ -435,6 +435,16 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+PATH_SETTINGS = ("store_root", "out_dir", "results", "save_teacher_to", "data_root", "teacher_checkpoint",
+                 "checkpoint_dir")
+
+
+def portable_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as a results row keeps it: paths relative to the working folder where possible."""
+    d = dataclasses.asdict(cfg)
+    return {k: portable_path(v) if k in PATH_SETTINGS and v else v for k, v in d.items()}
+
+
 def make_result(run: Run, state: RunState, acc: float, train_seconds: float, ckpt_path: Path) -> RunResult:
     cfg, plan = run.cfg, run.plan
     epochs_run = len(state.history)
@@ -444,7 +454,7 @@ def make_result(run: Run, state: RunState, acc: float, train_seconds: float, ckp
         dataset=cfg.dataset, subset=cfg.subset or 0, student=cfg.student, method=cfg.method, mode=run.mode,
         teacher=cfg.teacher or "", teacher_acc=float("nan") if teacher_acc is None else float(teacher_acc),
         preset=cfg.preset or "", options=json.dumps(options_dict(plan.method_opts)),
-        train_config=json.dumps(dataclasses.asdict(cfg)), epochs=epochs_run, steps=state.step, top1=acc,
+        train_config=json.dumps(portable_config(cfg)), epochs=epochs_run, steps=state.step, top1=acc,
         best_top1=state.best, train_seconds=train_seconds, seconds_per_epoch=train_seconds / max(epochs_run, 1),
-        seed=cfg.seed, store=str(plan.store.path) if plan.store else "", checkpoint=str(ckpt_path),
+        seed=cfg.seed, store=portable_path(plan.store.path) if plan.store else "", checkpoint=portable_path(ckpt_path),
         device=str(run.device), commit=git_commit())

@@ -174,3 +174,17 @@ def test_the_checks_catch_what_they_must():
     for needle in (*bad.values(), "points outside", OUTSIDE):
         assert needle in refs, needle
     assert "report.md" not in refs and "example.org" not in refs
+
+
+def test_committed_tables_hold_no_absolute_path():
+    """Results tables (Parquet) keep paths relative to the repository, as reports do."""
+    import pyarrow.parquet as pq
+
+    tables = [f for f in committed_files() if f.endswith(".parquet")]
+    problems = []
+    for name in tables:
+        for row in pq.read_table(ROOT / name).to_pylist():
+            for key, value in row.items():
+                if isinstance(value, str) and ABSOLUTE.search(value):
+                    problems.append(f"{name}: {key} = {ABSOLUTE.search(value).group(0)}")
+    assert not problems, problems[:5]
