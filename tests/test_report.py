@@ -100,3 +100,15 @@ def test_report_errors(tmp_path, results):
         make_report(results=tmp_path / "missing.parquet", out=tmp_path / "x")
     with pytest.raises(KDCacheError, match="unknown metric"):
         make_report(results=results, out=tmp_path / "x", metric="top5")
+
+
+def test_report_shows_last_and_best_and_warns_on_few_seeds(tmp_path):
+    path = tmp_path / "runs.parquet"
+    for seed, (last, best) in enumerate([(70.0, 72.0), (71.0, 74.0)]):
+        r = _row(tmp_path / f"s{seed}", dataset="fashion-mnist", method="kd", seed=seed, top1=last)
+        r.best_top1 = best
+        append_result(path, r)
+    md = make_report(results=path, out=tmp_path / "out").markdown
+    last_at, best_at = md.index("Top-1 at the last epoch:"), md.index("Top-1 at the best epoch")
+    assert "70.50 ± 0.71" in md[last_at:best_at] and "73.00 ± 1.41" in md[best_at:]
+    assert "Seeds per cell: 2 (fewer than 3" in md
