@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.data import epoch_views, get_recipe, key_hashes, load_dataset, view_table
+from kdcache.data import DATASETS, epoch_views, get_recipe, key_hashes, load_dataset, view_table
 from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast, resolve_device
 from kdcache.errors import KDCacheError
@@ -37,7 +37,7 @@ from kdcache.results import RunResult, git_commit
 from kdcache.runs import RunFolder, RunState, identity_digest
 from kdcache.sources import CachedTargets, NoTargets, OnlineTargets, check_cache_serves, teacher_info
 from kdcache.store import Store, TeacherCache, store_path
-from kdcache.store.schema import EMBED, LOGITS, TAIL_FILE, jsonable
+from kdcache.store.schema import EMBED, LOGITS, jsonable
 
 
 @dataclass
@@ -164,6 +164,7 @@ def with_store_teacher(cfg: TrainConfig) -> TrainConfig:
     """A teacher-reading method without `--teacher`: the store's teacher when it holds exactly one
     (said so), else an error naming the flag and the store's teachers."""
     method_cls, opts = resolve_method(cfg.method, cfg.opts)
+    DATASETS.get(cfg.dataset)  # an unknown dataset is named before any store is looked for
     if cfg.teacher or not method_cls.needs(opts, None, MODELS.get(cfg.student).family).teacher:
         return cfg
     path = store_path(cfg.store_root, cfg.dataset, "train")
@@ -234,7 +235,7 @@ def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.
     if plan.needs.tail:
         from kdcache.models.tails import load_tail
 
-        tail = load_tail(plan.cache.path / TAIL_FILE)
+        tail = load_tail(plan.cache.checked_tail_path())  # refused when its sha256 is not the recorded one
     method.attach(student, tail)
     return method
 

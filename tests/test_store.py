@@ -176,9 +176,13 @@ def test_missing_chunk_of_a_done_block_is_refused(tmp_path):
     fill(cache)
     (cache.path / "embed" / "c" / "2" / "1" / "0").unlink()
     assert cache.missing_chunks(("logits", "embed")) == [
-        f"{cache.path / 'embed'}/c/2/1/0 (view 2, samples 16-32)"]
-    with pytest.raises(KDCacheError, match="(?s)1 chunk file.*missing.*embed/c/2/1/0"):
+        f"missing chunk {cache.path / 'embed'}/c/2/1/0 (view 2, samples 16-32): its block is marked done, so zarr "
+        "would read NaN"]
+    with pytest.raises(KDCacheError, match=r"(?s)missing chunk .*embed/c/2/1/0 \(view 2, samples 16-32\).*"
+                                           r"fix: kdcache verify .*s.zarr --repair"):
         cache.check_integrity()
+    with pytest.raises(KDCacheError, match=r"missing chunk .*embed/c/2/1/0"):  # and at every later read
+        cache.epoch_targets(np.full(N, 2), ("embed",))
 
 
 def test_quasi_random_order_and_window_reader(tmp_path):

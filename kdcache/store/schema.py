@@ -9,9 +9,14 @@ Layout (one Zarr v3 group per dataset split):
                                                  and logits_lse[V, N] instead of logits)
             stages/s<k>[Vf, N, C_k, H_k, W_k]
             done[V, n_blocks]                  1 once every array of block (v, j) is written
-            tail.safetensors                   frozen last stage + norm + head (FBT)
+            tail.safetensors                   frozen last stage + norm + head (FBT), sha256 in the attrs
 Chunks are unsharded (one file each) and carry a crc32c checksum, so parallel writers of different
 blocks never touch the same file and a damaged chunk is detected on read.
+
+Each kdcache attrs block also records the zarr metadata of the arrays it owns (`arrays`: name ->
+the array's zarr.json without attributes) when they are created: every open compares the files
+with that record, so an edited dtype, shape or codec is named instead of decoded as garbage, and
+`kdcache verify --repair` can rewrite a damaged or deleted array zarr.json exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ EMBED = "embed"
 DONE = "done"
 TAIL_FILE = "tail.safetensors"
 TEACHERS = "teachers"
+META_FILE = "zarr.json"  # every zarr v3 node's metadata document
+ATTRS_KEY = "kdcache"  # the attrs block of the store and of each teacher group
+VIEW_ARRAYS = (LABELS, KEY_HASH, VIEW_SEEDS, VIEW_PARAMS)
+STORE_GROUPS = ("samples", "views")  # intermediate groups of the view arrays
+STAGES_GROUP = "stages"  # intermediate group of a teacher's stage arrays
+GROUP_META = {"attributes": {}, "zarr_format": 3, "node_type": "group"}  # an intermediate group's zarr.json
 
 
 def stage_array(k: int) -> str:
@@ -62,6 +73,7 @@ class StoreAttrs:
     param_names: tuple[str, ...]
     block_n: int  # samples per write block (= chunk length along N of the per-view arrays)
     schema_version: int = SCHEMA_VERSION
+    arrays: dict[str, Any] = field(default_factory=dict)  # view array -> its zarr metadata at creation
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class TeacherAttrs:
     teacher_acc: float | None = None  # top-1 on the test split, eval recipe
     versions: dict[str, str] = field(default_factory=dict)
     autocast: str = "none"
+    tail_sha256: str | None = None  # of tail.safetensors as extract wrote it; checked before every load
+    arrays: dict[str, Any] = field(default_factory=dict)  # target array -> its zarr metadata at creation
 
 
 def jsonable(v: Any) -> Any:

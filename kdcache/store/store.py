@@ -4,12 +4,20 @@ The store is created atomically (built in a temporary directory, then renamed in
 several extract processes starting at once agree on one view table. Teacher arrays are written in
 blocks (one view x `block_n` samples, aligned to chunks); a block's completion mark is written only
 after all its arrays, so a killed run redoes partial blocks and never skips them.
+
+Nothing damaged is used silently: opening a store or a teacher compares every zarr.json with the
+metadata recorded at creation (integrity.py), reads name the chunk that fails its checksum or is
+missing from a block marked done, and the frozen tail is checked against its sha256 before it is
+loaded. Every such error names the file and the repair: `kdcache verify STORE --repair`, then the
+extract command (`Store.extract_command`), which rewrites exactly what was lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,9 +27,13 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import KDCacheError
-from kdcache.files import locked
-from kdcache.store.schema import (DONE, EMBED, KEY_HASH, LABELS, LOGITS, LOGITS_IDS, LOGITS_LSE, LOGITS_VALS, TEACHERS,
-                                  VIEW_PARAMS, VIEW_SEEDS, StoreAttrs, TeacherAttrs, from_attrs, jsonable,
+from kdcache.files import file_sha256, locked
+from kdcache.store.integrity import (DELETE_TEACHER, GONE, MANUAL, REPAIR_STEP, Damage, array_record, chunk_coords,
+                                     chunk_file, node_damage, read_meta, tail_damage, target_chunk_damage,
+                                     view_chunk_damage)
+from kdcache.store.schema import (ATTRS_KEY, DONE, EMBED, KEY_HASH, LABELS, LOGITS, LOGITS_IDS, LOGITS_LSE,
+                                  LOGITS_VALS, META_FILE, STAGES_GROUP, STORE_GROUPS, TAIL_FILE, TEACHERS,
+                                  VIEW_ARRAYS, VIEW_PARAMS, VIEW_SEEDS, StoreAttrs, TeacherAttrs, from_attrs, jsonable,
                                   stage_array, teacher_group, to_attrs)
 
 CHECKSUM = [Crc32cCodec()]
@@ -30,36 +42,65 @@ STAGE_CHUNK_BYTES = 8 << 20
 # Fill value of target arrays: zarr stores no chunk equal to the fill value and reads an absent chunk
 # as it, so the fill must be something a real block can never be (outputs are refused unless finite).
 MISSING = float("nan")
+# View-table arrays are written with every chunk present (even one equal to the fill value), so an
+# absent chunk file is always damage.
+ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def _fix_extract(dataset: str, teacher: str = "TEACHER") -> str:
     return f"kdcache extract --teacher {teacher} --dataset {dataset}"
 
 
+def _looks_like_store(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in (TEACHERS, *STORE_GROUPS))
+
+
 class Store:
     """One dataset split's cache: the view table plus any number of teachers' targets."""
 
-    def __init__(self, path: str | Path, group: zarr.Group):
+    def __init__(self, path: str | Path, group: zarr.Group, attrs: StoreAttrs | None = None):
         self.path = Path(path)
         self.group = group
-        self.attrs: StoreAttrs = from_attrs(StoreAttrs, group.attrs["kdcache"])
+        self.attrs: StoreAttrs = attrs if attrs is not None else from_attrs(StoreAttrs, group.attrs[ATTRS_KEY])
+        self.known: dict[str, TeacherAttrs] = {}  # teachers' attrs as opened: fix commands survive their loss
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "Store":
+    def open(cls, path: str | Path, mode: str = "r", check: bool = True) -> "Store":
+        """Open a store; with `check`, a zarr.json that is damaged or differs from the recorded
+        metadata is an error naming it (`check=False`: for verify and info, which list damage)."""
         path = Path(path)
-        if not (path / "zarr.json").is_file():
+        if not (path / META_FILE).is_file() and not _looks_like_store(path):
             raise KDCacheError(f"no kdcache store at {path}",
                                expected="a directory written by `kdcache extract`",
                                fix=f"{_fix_extract(path.parent.name)}  (or pass the right --store-root)")
+        attrs = cls._read_attrs(path)
         try:
             group = zarr.open_group(path, mode=mode)
-            if "kdcache" not in group.attrs:
-                raise KeyError("kdcache")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever zarr raises, the store is unreadable
             raise KDCacheError(f"{path} is not a readable kdcache store ({type(exc).__name__}: {exc})",
                                fix=f"delete it and run {_fix_extract(path.parent.name)} again") from exc
-        return cls(path, group)
+        store = cls(path, group, attrs)
+        if check:
+            store.raise_damage(store.metadata_damage())
+        return store
+
+    @staticmethod
+    def _read_attrs(path: Path) -> StoreAttrs:
+        file = path / META_FILE
+        doc, problem = read_meta(file, "group")
+        block = (doc.get("attributes") or {}).get(ATTRS_KEY) if doc is not None else None
+        if problem is None and not isinstance(block, dict):
+            problem = f"has no {ATTRS_KEY} attrs block"
+        if problem is None:
+            try:
+                return from_attrs(StoreAttrs, block)
+            except (TypeError, ValueError) as exc:
+                problem = f"has a damaged {ATTRS_KEY} attrs block ({exc})"
+        raise KDCacheError(
+            f"{file} {problem}: the store's own description (dataset, recipe, view seed) is lost",
+            fix=f"delete {path} and run the extract command again ({_fix_extract(path.parent.name)} "
+                f"--store-root {path.parent.parent} with the options that made it)")
 
     @classmethod
     def create_or_open(cls, path: str | Path, attrs: StoreAttrs, labels: np.ndarray,
@@ -67,7 +108,9 @@ class Store:
         """Open the store at `path`, creating it with this view table if absent.
 
         An existing store must have been made from the same dataset, recipe and seed; any
-        difference is an error naming both sides (never a silent overwrite)."""
+        difference is an error naming both sides (never a silent overwrite). Chunk files of the
+        view table that are missing (deleted by `kdcache verify --repair` because they were damaged)
+        are rewritten from the tables given, which are the store's by that check."""
         path = Path(path)
         if not path.exists():
             tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -82,6 +125,8 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
         store = cls.open(path, mode="a")
         store.check_matches(attrs)
+        store.restore_views({LABELS: labels.astype(np.int64), KEY_HASH: key_hash.astype(np.uint64),
+                             VIEW_SEEDS: seeds.astype(np.uint64), VIEW_PARAMS: params.astype(np.float32)})
         return store
 
     @staticmethod
@@ -89,12 +134,30 @@ class Store:
         group = zarr.open_group(path, mode="w")
         n = len(labels)
         bn = min(attrs.block_n, n)
-        group.create_array(LABELS, data=labels.astype(np.int64), chunks=(n,), compressors=CHECKSUM)
-        group.create_array(KEY_HASH, data=key_hash.astype(np.uint64), chunks=(n,), compressors=CHECKSUM)
-        group.create_array(VIEW_SEEDS, data=seeds.astype(np.uint64), chunks=(1, bn), compressors=CHECKSUM)
-        group.create_array(VIEW_PARAMS, data=params.astype(np.float32), chunks=(1, bn, params.shape[2]),
-                           compressors=CHECKSUM)
-        group.attrs["kdcache"] = to_attrs(attrs)
+        common = dict(compressors=CHECKSUM, config=ALL_CHUNKS)
+        group.create_array(LABELS, data=labels.astype(np.int64), chunks=(n,), **common)
+        group.create_array(KEY_HASH, data=key_hash.astype(np.uint64), chunks=(n,), **common)
+        group.create_array(VIEW_SEEDS, data=seeds.astype(np.uint64), chunks=(1, bn), **common)
+        group.create_array(VIEW_PARAMS, data=params.astype(np.float32), chunks=(1, bn, params.shape[2]), **common)
+        recorded = dataclasses.replace(attrs, arrays={name: array_record(path / name) for name in VIEW_ARRAYS})
+        group.attrs[ATTRS_KEY] = to_attrs(recorded)
+
+    def restore_views(self, tables: dict[str, np.ndarray]) -> int:
+        """Write the view-table chunk files that are missing from `tables` (the same view table)."""
+        missing = [d for d in view_chunk_damage(self, read=False).damage]
+        if not missing:
+            return 0
+        with locked(self.path.with_name(self.path.name + ".create-teacher")):
+            restored = 0
+            for name in VIEW_ARRAYS:
+                arr = self.array(name).with_config(ALL_CHUNKS)
+                for coords, sel in chunk_coords(arr.shape, arr.chunks):
+                    if not chunk_file(self.path / name, coords).is_file():
+                        arr[sel] = tables[name][sel]
+                        restored += 1
+        print(f"restored {restored} missing chunk file(s) of the view table of {self.path} from the dataset and "
+              "view seed", file=sys.stderr)
+        return restored
 
     def check_matches(self, want: StoreAttrs) -> None:
         have = self.attrs
@@ -116,49 +179,169 @@ class Store:
                 fix="pass the same --dataset/--subset as the extract command, or extract for this dataset",
             )
 
+    # ---------------------------------------------------------------- damage
+    def metadata_damage(self) -> list[Damage]:
+        """The view table's zarr.json files (and the intermediate groups) against the record."""
+        groups = [*STORE_GROUPS, *([TEACHERS] if (self.path / TEACHERS).is_dir() else [])]
+        found = [node_damage(self.path / g, "group", None, None, MANUAL) for g in groups]
+        found += [node_damage(self.path / name, "array", self.attrs.arrays.get(name) if self.attrs.arrays else None,
+                              None, MANUAL) for name in VIEW_ARRAYS]
+        return [d for d in found if d is not None]
+
+    def extract_command(self, alias: str | None = None, attrs: TeacherAttrs | None = None) -> str:
+        """The extract command that (re)writes this store's targets of `alias`, rebuilt from what the
+        store records (every option that decides the targets; --subset N equals the whole split
+        when N is its size)."""
+        names = self.teacher_names()
+        alias = alias or (names[0] if names else None)
+        if attrs is None and alias is not None:
+            attrs = self.known.get(alias) or self.teacher_attrs(alias)[0]
+        a, fp = self.attrs, self.attrs.fingerprint
+        parts = ["kdcache extract", f"--teacher {alias or 'TEACHER'}", f"--dataset {fp['name']}", f"--subset {fp['n']}",
+                 f"--recipe {a.recipe}", f"--views {a.num_views}", f"--view-seed {a.view_seed}"]
+        if attrs is not None:
+            if attrs.checkpoint:
+                parts.append(f"--checkpoint {attrs.checkpoint}")
+            if attrs.pretrained:
+                parts.append("--pretrained")
+            parts.append(f"--dtype {attrs.dtype}")
+            if attrs.logits_topk:
+                parts.append(f"--topk {attrs.logits_topk}")
+            if attrs.stored_stages:
+                parts.append(f"--stages {','.join(map(str, attrs.stored_stages))} --stage-views {attrs.stage_views} "
+                             f"--stage-grid {attrs.stage_grid}")
+            if attrs.has_tail:
+                parts.append("--methods kd,fbt")
+        parts.append(f"--store-root {self.path.parent.parent}")
+        text = " ".join(parts)
+        return text if attrs is not None or alias is None else text + " (with the options that wrote it)"
+
+    def fix_for(self, damage: Damage) -> str:
+        ext = self.extract_command(damage.teacher)
+        if damage.kind == MANUAL:
+            return f"delete {self.path} and run {ext}"
+        if damage.kind == GONE:
+            return f"{ext}   (re-creates the targets), then run this command again"
+        then = "re-extracts the teacher" if damage.kind == DELETE_TEACHER else "rewrites exactly what is missing"
+        return f"kdcache verify {self.path} --repair ({REPAIR_STEP[damage.kind]}), then {ext}   (it {then})"
+
+    def error(self, damage: Damage, more: int = 0) -> KDCacheError:
+        if more:
+            what = f"{damage.text} (and {more} more: `kdcache verify {self.path} --no-replay` lists them)"
+        else:
+            what = damage.text
+        return KDCacheError(what, fix=self.fix_for(damage))
+
+    def raise_damage(self, damage: list[Damage]) -> None:
+        if damage:
+            raise self.error(damage[0], len(damage) - 1)
+
     # ---------------------------------------------------------------- views
     @property
     def num_samples(self) -> int:
         return int(self.attrs.fingerprint["n"])
 
+    def array(self, name: str) -> zarr.Array:
+        """A view-table array; an unreadable one is an error naming its file."""
+        try:
+            return self.group[name]
+        except Exception as exc:  # noqa: BLE001
+            self.raise_damage(self.metadata_damage())
+            raise KDCacheError(f"{self.path / name} could not be opened ({type(exc).__name__}: {exc})",
+                               fix=f"kdcache verify {self.path} --no-replay names the damage") from exc
+
+    def _read_view(self, name: str, index: Any = slice(None)) -> np.ndarray:
+        arr = self.array(name)
+        try:
+            out = arr.get_orthogonal_selection(index) if isinstance(index, tuple) else arr[index]
+        except Exception as exc:  # noqa: BLE001 - a damaged chunk: name it
+            self.raise_damage(view_chunk_damage(self, read=True, names=(name,)).damage)
+            raise KDCacheError(f"{self.path / name} could not be read ({type(exc).__name__}: {exc})",
+                               fix=f"kdcache verify {self.path} --no-replay names the damage") from exc
+        self.raise_damage(view_chunk_damage(self, read=False, names=(name,)).damage)
+        return out
+
     def labels(self) -> np.ndarray:
-        return self.group[LABELS][:]
+        return self._read_view(LABELS)
+
+    def key_hashes(self) -> np.ndarray:
+        return self._read_view(KEY_HASH)
 
     def params(self, views: np.ndarray | None = None) -> np.ndarray:
-        arr = self.group[VIEW_PARAMS]
-        return arr[:] if views is None else arr.get_orthogonal_selection((np.asarray(views), slice(None), slice(None)))
+        return self._read_view(VIEW_PARAMS) if views is None else \
+            self._read_view(VIEW_PARAMS, (np.asarray(views), slice(None), slice(None)))
 
     def seeds(self) -> np.ndarray:
-        return self.group[VIEW_SEEDS][:]
+        return self._read_view(VIEW_SEEDS)
+
+    def block_params(self, v: int, a: int, b: int) -> np.ndarray:
+        """The view table's rows of view v, samples a..b (what extract renders for one block)."""
+        return self._read_view(VIEW_PARAMS, (np.array([v]), slice(a, b), slice(None)))[0]
 
     # ---------------------------------------------------------------- teachers
     def teacher_names(self) -> list[str]:
-        if TEACHERS not in self.group:
+        """Every teacher folder, whether or not its metadata can be read (the filesystem decides, so
+        one damaged teacher never hides the others)."""
+        root = self.path / TEACHERS
+        if not root.is_dir():
             return []
-        return sorted(name for name, _ in self.group[TEACHERS].groups())
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def teacher(self, alias: str) -> "TeacherCache":
+    def teacher_attrs(self, alias: str) -> tuple[TeacherAttrs | None, Damage | None]:
+        """A teacher's attrs, or the damage that lost them."""
+        folder = self.path / teacher_group(alias)
+        file = folder / META_FILE
+        doc, problem = read_meta(file, "group")
+        block = (doc.get("attributes") or {}).get(ATTRS_KEY) if doc is not None else None
+        if problem is None and not isinstance(block, dict):
+            problem = f"has no {ATTRS_KEY} attrs block"
+        if problem is None:
+            try:
+                return from_attrs(TeacherAttrs, block), None
+            except (TypeError, ValueError) as exc:
+                problem = f"has a damaged {ATTRS_KEY} attrs block ({exc})"
+        if not folder.is_dir():
+            return None, Damage(folder, f"{folder} was deleted while this command was using it", GONE, alias)
+        return None, Damage(file, f"{file} {problem}: the teacher's attrs (checkpoint, settings) are lost",
+                            DELETE_TEACHER, alias, remove=(folder,), read_ok=False)
+
+    def teacher(self, alias: str, check: bool = True) -> "TeacherCache":
         if alias not in self.teacher_names():
             have = ", ".join(self.teacher_names()) or "none"
             raise KDCacheError(
                 f"store {self.path} has no targets of teacher {alias!r} (it has: {have})",
                 fix=_fix_extract(self.attrs.fingerprint["name"], alias),
             )
-        return TeacherCache(self, self.group[teacher_group(alias)])
+        attrs, damage = self.teacher_attrs(alias)
+        if damage is not None and damage.kind == DELETE_TEACHER and not self._has_done_marks(alias):
+            raise KDCacheError(f"store {self.path} has no targets of teacher {alias!r} yet (its creation did not "
+                               f"finish: {damage.text})", fix=self.extract_command(alias))
+        if damage is not None:
+            raise self.error(damage)
+        cache = TeacherCache(self, alias, attrs)
+        if check:
+            self.raise_damage(cache.metadata_damage())
+        return cache
+
+    def _has_done_marks(self, alias: str) -> bool:
+        return any(p.is_file() for p in (self.path / teacher_group(alias) / DONE / "c").rglob("*"))
 
     def create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
         """Create the teacher's arrays (or open them when an earlier run created the same)."""
         # One creator at a time; others then open it. The lock sits beside the store, not in it, so
         # zarr never lists it as a member of the hierarchy.
         with locked(self.path.with_name(self.path.name + ".create-teacher")):
-            name = teacher_group(attrs.alias)
-            if name in self.group:
-                group = self.group[name]
-                if "kdcache" in group.attrs:  # attrs are written last: present = fully created
-                    cache = TeacherCache(self, group)
+            folder = self.path / teacher_group(attrs.alias)
+            if folder.is_dir():
+                have, damage = self.teacher_attrs(attrs.alias)
+                if damage is None:  # attrs are written last: present = fully created
+                    cache = TeacherCache(self, attrs.alias, have)
+                    self.raise_damage(cache.metadata_damage())
                     cache.check_matches(attrs)
                     return cache
-                shutil.rmtree(self.path / name)  # a creation killed half-way: nothing was written yet
+                if self._has_done_marks(attrs.alias):  # blocks were written: damage, not a killed creation
+                    raise self.error(damage)
+                shutil.rmtree(folder)  # a creation killed half-way (or a deleted group's leftovers): no block done
                 self.group = zarr.open_group(self.path, mode="a")
             return self._create_teacher(attrs, n_views)
 
@@ -196,8 +379,11 @@ class Store:
                            dtype=dtype, compressors=COMPRESSED, fill_value=MISSING)
         g.create_array(DONE, shape=(n_views, n_blocks), chunks=(1, 1), dtype="uint8", fill_value=0,
                        compressors=CHECKSUM)
-        g.attrs["kdcache"] = to_attrs(attrs)
-        return TeacherCache(self, g)
+        cache = TeacherCache(self, attrs.alias, attrs, g)
+        folder = self.path / name
+        attrs = dataclasses.replace(attrs, arrays={a: array_record(folder / a) for a in cache.array_names})
+        g.attrs[ATTRS_KEY] = to_attrs(attrs)  # last: its presence means "fully created"
+        return TeacherCache(self, attrs.alias, attrs, g)
 
 
 def stored_stage_shape(attrs: TeacherAttrs, k: int) -> tuple[int, int, int]:
@@ -210,23 +396,30 @@ def stored_stage_shape(attrs: TeacherAttrs, k: int) -> tuple[int, int, int]:
 class TeacherCache:
     """One teacher's targets in a store: block writer, completeness, and stage-two reads."""
 
-    def __init__(self, store: Store, group: zarr.Group):
+    def __init__(self, store: Store, alias: str, attrs: TeacherAttrs, group: zarr.Group | None = None):
         self.store = store
-        self.group = group
-        self.attrs: TeacherAttrs = from_attrs(TeacherAttrs, group.attrs["kdcache"])
+        self.alias = alias
+        self.attrs = attrs
+        store.known[alias] = attrs
+        self.group = group if group is not None else store.group[teacher_group(alias)]
 
     @property
     def path(self) -> Path:
-        return self.store.path / teacher_group(self.attrs.alias)
+        return self.store.path / teacher_group(self.alias)
 
     @property
     def num_views(self) -> int:
-        return self.group[EMBED].shape[0]
+        return self.array(EMBED).shape[0]
 
     @property
     def logit_arrays(self) -> tuple[str, ...]:
         """The arrays that hold the logits: one dense array, or the three top-k arrays."""
         return (LOGITS_IDS, LOGITS_VALS, LOGITS_LSE) if self.attrs.logits_topk else (LOGITS,)
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """Every array of the group: logits, embed, stage maps, done marks."""
+        return (*self.logit_arrays, EMBED, *(stage_array(k) for k in self.attrs.stored_stages), DONE)
 
     @property
     def block_n(self) -> int:
@@ -246,10 +439,67 @@ class TeacherCache:
                 )
 
     def update_attrs(self, **changes: Any) -> None:
-        import dataclasses
+        """Change attrs fields, re-reading the stored attrs under the store's lock first, so two
+        processes updating different fields never undo each other."""
+        with locked(self.store.path.with_name(self.store.path.name + ".create-teacher")):
+            current, damage = self.store.teacher_attrs(self.alias)
+            if damage is not None:
+                raise self.store.error(damage)
+            self.attrs = dataclasses.replace(current, **changes)
+            self.store.known[self.alias] = self.attrs
+            self.group.attrs[ATTRS_KEY] = to_attrs(self.attrs)
 
-        self.attrs = dataclasses.replace(self.attrs, **changes)
-        self.group.attrs["kdcache"] = to_attrs(self.attrs)
+    # ---------------------------------------------------------------- damage
+    def metadata_damage(self) -> list[Damage]:
+        """Each array's zarr.json (and the stages group) against the metadata recorded at creation."""
+        found = []
+        if self.attrs.stored_stages:
+            found.append(node_damage(self.path / STAGES_GROUP, "group", None, self.alias, DELETE_TEACHER))
+        for name in self.array_names:
+            found.append(node_damage(self.path / name, "array", self.attrs.arrays.get(name) if self.attrs.arrays
+                                     else None, self.alias, DELETE_TEACHER, remove=(self.path,)))
+        return [d for d in found if d is not None]
+
+    def gone(self) -> KDCacheError | None:
+        """The error to raise when the teacher's folder or attrs disappeared under this process."""
+        _, damage = self.store.teacher_attrs(self.alias)
+        return self.store.error(damage) if damage is not None else None
+
+    def array(self, name: str) -> zarr.Array:
+        """One of the teacher's arrays; a deleted or damaged one is an error naming its file."""
+        try:
+            return self.group[name]
+        except Exception as exc:  # noqa: BLE001
+            err = self.gone()
+            if err is not None:
+                raise err from exc
+            self.store.raise_damage(self.metadata_damage())
+            raise KDCacheError(f"{self.path / name} could not be opened ({type(exc).__name__}: {exc})",
+                               fix=f"kdcache verify {self.store.path} --no-replay names the damage") from exc
+
+    # ---------------------------------------------------------------- tail
+    @property
+    def tail_path(self) -> Path:
+        """Where extract writes the frozen teacher tail (then calls `record_tail`)."""
+        return self.path / TAIL_FILE
+
+    def record_tail(self) -> str:
+        """Record the sha256 of the tail file extract has just written at `tail_path`."""
+        digest = file_sha256(self.tail_path)
+        self.update_attrs(tail_sha256=digest)
+        return digest
+
+    def checked_tail_path(self) -> Path:
+        """The frozen teacher tail's path, after checking that its bytes are the ones extract wrote
+        (sha256 against the record): a flipped bit or an edited weight is refused, never loaded."""
+        damage = tail_damage(self)
+        if damage is not None:
+            raise self.store.error(damage)
+        if not self.tail_path.is_file():
+            raise KDCacheError(f"{self.tail_path} does not exist: the targets of {self.alias} have no frozen tail",
+                               fix=f"{self.store.extract_command(self.alias, self.attrs)}   (after adding "
+                                   "--methods kd,fbt; delete the teacher's folder first)")
+        return self.tail_path
 
     # ---------------------------------------------------------------- writing
     def block_range(self, j: int) -> tuple[int, int]:
@@ -258,34 +508,49 @@ class TeacherCache:
 
     def done_mask(self) -> np.ndarray:
         """Completion marks; a mark that cannot be read counts as not done (the block is redone)."""
-        arr = self.group[DONE]
+        arr = self.array(DONE)
         try:
             return arr[:].astype(bool)
-        except ValueError:
+        except Exception:  # noqa: BLE001 - one unreadable mark: read them one by one
             mask = np.zeros(arr.shape, dtype=bool)
             for v in range(arr.shape[0]):
                 for j in range(arr.shape[1]):
                     try:
                         mask[v, j] = bool(arr[v, j])
-                    except ValueError:
+                    except Exception:  # noqa: BLE001
                         pass
             return mask
+
+    def intact_done_mask(self) -> np.ndarray:
+        """The done marks of blocks whose chunk files are all present: a block marked done with a
+        chunk file missing counts as not done, so extract rewrites it (file checks only, no reads;
+        a chunk that fails its checksum needs `kdcache verify --repair` to clear its mark)."""
+        done = self.done_mask()
+        names = tuple(n for n in self.array_names if n != DONE)
+        for damage in target_chunk_damage(self, names, done, read=False).damage:
+            mark = damage.remove[0]
+            done[int(mark.parent.name), int(mark.name)] = False
+        return done
 
     def write_block(self, v: int, j: int, logits: np.ndarray, embed: np.ndarray,
                     stages: dict[int, np.ndarray] | None = None) -> None:
         """Write one block's arrays, then its completion mark (never before)."""
+        err = self.gone()  # writing into a deleted group would re-create its folders without metadata
+        if err is not None:
+            raise err
         a, b = self.block_range(j)
         dtype = np.dtype(self.attrs.dtype)
         arrays = {EMBED: embed}
         if self.attrs.logits_topk:
             ids, vals, lse = topk_encode(logits, self.attrs.logits_topk)
             arrays.update(logits_vals=vals, logits_lse=lse)
-            self.group[LOGITS_IDS][v, a:b] = ids
+            self.array(LOGITS_IDS)[v, a:b] = ids
         else:
             arrays[LOGITS] = logits
         for name, value in arrays.items():
+            arr = self.array(name)
             with np.errstate(over="ignore", invalid="ignore"):
-                cast = value.astype(self.group[name].dtype)  # lse stays fp32 in an fp16 store
+                cast = value.astype(arr.dtype)  # lse stays fp32 in an fp16 store
             if not np.isfinite(cast).all():
                 raise KDCacheError(
                     f"teacher {self.attrs.alias} produced non-finite {name} in view {v}, samples {a}-{b} "
@@ -293,7 +558,7 @@ class TeacherCache:
                     expected="finite outputs: a healthy checkpoint, inputs normalised as it was trained",
                     fix="check the checkpoint and --dtype (fp16 overflows above 65504; try --dtype float32)",
                 )
-            self.group[name][v, a:b] = cast
+            arr[v, a:b] = cast
         if stages and v < self.attrs.stage_views:
             for k, value in stages.items():
                 with np.errstate(over="ignore", invalid="ignore"):
@@ -301,50 +566,23 @@ class TeacherCache:
                 if not np.isfinite(cast).all():
                     raise KDCacheError(f"teacher {self.attrs.alias} produced non-finite stage {k} maps in "
                                        f"view {v}, samples {a}-{b}", fix="try --dtype float32")
-                self.group[stage_array(k)][v, a:b] = cast
-        self.group[DONE][v, j] = 1
+                self.array(stage_array(k))[v, a:b] = cast
+        err = self.gone()
+        if err is not None:
+            raise err
+        self.array(DONE)[v, j] = 1
 
     # ---------------------------------------------------------------- reading
     def check_integrity(self, names: tuple[str, ...] = (LOGITS, EMBED)) -> None:
         """Read every chunk of the small per-view arrays once, so a damaged chunk stops training
-        before the first step (stage maps are checked as they are streamed)."""
+        before the first step (stage maps are checked as they are read)."""
         names = tuple(a for n in names for a in (self.logit_arrays if n == LOGITS else (n,)))
-        missing = self.missing_chunks(names)
-        if missing:
-            raise KDCacheError(
-                f"{len(missing)} chunk file(s) of blocks marked done are missing from {self.path} "
-                f"(first: {missing[0]}); zarr would read them as zeros",
-                fix="delete the done marks of those blocks (done/c/<view>/<block>) and re-run the extract command")
-        for name in names:
-            arr = self.group[name]
-            for v in range(arr.shape[0]):
-                for j in range(-(-arr.shape[1] // arr.chunks[1])):
-                    a, b = j * arr.chunks[1], min((j + 1) * arr.chunks[1], arr.shape[1])
-                    try:
-                        arr[v, a:b]  # noqa: B018 - the read checks the crc32c
-                    except ValueError as exc:
-                        raise KDCacheError(
-                            f"damaged chunk {self.path / name}/c/{v}/{j}/0 (view {v}, samples {a}-{b}): {exc}",
-                            fix=f"delete that file and the mark {self.path}/done/c/{v}/{j}, then re-run the "
-                                "extract command to rewrite the block (kdcache verify lists all damage)",
-                        ) from exc
+        self.store.raise_damage(self.metadata_damage())
+        self.store.raise_damage(target_chunk_damage(self, names, self.done_mask(), read=True).damage)
 
     def missing_chunks(self, names: tuple[str, ...]) -> list[str]:
         """Chunk files absent although their block is marked done (a truncated or damaged copy)."""
-        done = self.done_mask()
-        out = []
-        for name in names:
-            arr = self.group[name]
-            for v, j in zip(*np.nonzero(done)):
-                if v >= arr.shape[0]:
-                    continue
-                a, b = self.block_range(int(j))
-                for c in range(a // arr.chunks[1], -(-b // arr.chunks[1])):
-                    rest = ["0"] * (arr.ndim - 2)
-                    key = "/".join(["c", str(v), str(c), *rest])
-                    if not (self.path / name / key).is_file():
-                        out.append(f"{self.path / name}/{key} (view {v}, samples {a}-{b})")
-        return out
+        return [d.text for d in target_chunk_damage(self, names, self.done_mask(), read=False).damage]
 
     def check_complete(self) -> None:
         done = self.done_mask()
@@ -352,25 +590,41 @@ class TeacherCache:
             missing = int((~done).sum())
             raise KDCacheError(
                 f"teacher {self.attrs.alias} in {self.store.path} is incomplete: {missing} of {done.size} "
-                "blocks not written (an extraction was interrupted)",
-                fix="run the same `kdcache extract` command again: it resumes and writes only what is missing",
+                "blocks not written (an extraction was interrupted, or `kdcache verify --repair` cleared them)",
+                fix=f"run the extract command again: it resumes and writes only what is missing "
+                    f"({self.store.extract_command(self.alias, self.attrs)})",
             )
 
     def read(self, name: str, index: Any) -> np.ndarray:
-        """Read with a clear error naming the array and block when a chunk is damaged."""
-        arr = self.group[name]
+        """Read (view v, samples) of a target array. A chunk failing its checksum, or missing from a
+        block marked done (zarr would return the fill value, NaN), is an error naming it."""
+        arr = self.array(name)
         try:
             if isinstance(index, tuple) and any(isinstance(i, np.ndarray) for i in index):
-                return arr.oindex[index]
-            return arr[index]
-        except ValueError as exc:
-            if "checksum" in str(exc).lower():
-                raise KDCacheError(
-                    f"damaged chunk in {self.path}/{name} (index {index}): {exc}",
-                    fix=f"kdcache verify {self.store.path} --teacher {self.attrs.alias} names every damaged "
-                        "chunk; delete those chunk files and re-run the extract command to rewrite them",
-                ) from exc
-            raise
+                out = arr.oindex[index]
+            else:
+                out = arr[index]
+        except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: name it
+            self.store.raise_damage(self._damage_at(name, index, read=True))
+            raise KDCacheError(f"{self.path / name} could not be read at {index} ({type(exc).__name__}: {exc})",
+                               fix=f"kdcache verify {self.store.path} --no-replay names the damage") from exc
+        filled = np.isnan(out) if out.dtype.kind == "f" else (out == -1 if out.dtype.kind == "i" else None)
+        if filled is not None and filled.any():
+            self.store.raise_damage(self._damage_at(name, index, read=False))
+            ext = self.store.extract_command(self.alias, self.attrs)
+            raise KDCacheError(f"{self.path / name} holds no targets at {index}: its block is not marked done",
+                               fix=f"{ext}   (writes the blocks still missing)")
+        return out
+
+    def _damage_at(self, name: str, index: Any, read: bool) -> list[Damage]:
+        """Damage of the chunks an index (view, samples) touches, in blocks marked done."""
+        arr = self.array(name)
+        v, rows = (index if isinstance(index, tuple) else (index, slice(None)))[:2]
+        cn = arr.chunks[1]
+        views = np.arange(arr.shape[0])[v] if not isinstance(v, (int, np.integer)) else np.array([v])
+        samples = np.arange(arr.shape[1])[rows]
+        wanted = {(int(a), int(c)) for a in np.atleast_1d(views) for c in np.unique(np.atleast_1d(samples) // cn)}
+        return target_chunk_damage(self, (name,), self.done_mask(), read, only=wanted).damage
 
     def epoch_targets(self, view_ids: np.ndarray, names: tuple[str, ...] = (LOGITS,)) -> dict[str, np.ndarray]:
         """Per-sample targets for one epoch: row i comes from view view_ids[i] of sample i.
@@ -379,7 +633,7 @@ class TeacherCache:
         n = self.store.num_samples
         out = {}
         for name in names:
-            width = (self.attrs.num_classes,) if name == LOGITS else self.group[name].shape[2:]
+            width = (self.attrs.num_classes,) if name == LOGITS else self.array(name).shape[2:]
             buf = np.empty((n,) + tuple(width), dtype=np.float32)
             for v in np.unique(view_ids):
                 rows = np.nonzero(view_ids == v)[0]
@@ -401,7 +655,7 @@ class TeacherCache:
     def read_pairs(self, name: str, view_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Rows (view_ids[b], idx[b]) of a [V, N, ...] array, one orthogonal read per distinct view."""
         view_ids, idx = np.asarray(view_ids), np.asarray(idx)
-        width = (self.attrs.num_classes,) if name == LOGITS else self.group[name].shape[2:]
+        width = (self.attrs.num_classes,) if name == LOGITS else self.array(name).shape[2:]
         out = np.empty((len(idx),) + tuple(width), dtype=np.float32)
         for v in np.unique(view_ids):
             sel = np.nonzero(view_ids == v)[0]
