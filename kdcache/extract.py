@@ -64,18 +64,21 @@ class ExtractResult:
     blocks_skipped: int
     images: int
     seconds: float
-    teacher_acc: float | None
-    extra: dict = field(default_factory=dict)
+    teacher_acc: float | None  # measured on the test split; None while the store is incomplete
+    extra: dict = field(default_factory=dict)  # checkpoint_acc (the checkpoint's own claim), blocks_done/total
 
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
 
-def _parse_blocks(spec: str | None, total: int) -> range:
-    """`--blocks START:STOP` (either end may be left out) as a range over the store's block order."""
+def _parse_blocks(spec: str | None, total: int | None = None, store: Path | None = None) -> range:
+    """`--blocks START:STOP` (either end may be left out) as a range over the store's `total` blocks
+    (view-major: view v, sample block j is block v * blocks_per_view + j). With `total` None only
+    the syntax is checked. A range that reaches past the store, or holds no block, is refused: it
+    would write nothing (or less than asked) and still succeed."""
     if not spec:
-        return range(total)
+        return range(total or 0)
     try:
         a, b = (int(x) if x else None for x in spec.split(":"))
     except ValueError as exc:
@@ -83,14 +86,35 @@ def _parse_blocks(spec: str | None, total: int) -> range:
                            fix="kdcache info STORE shows the number of blocks") from exc
     if (a is not None and a < 0) or (b is not None and b < 0):
         raise KDCacheError(f"--blocks {spec!r} has a negative end", expected="START:STOP with 0 <= START < STOP")
+    if a is not None and b is not None and b <= a:
+        raise KDCacheError(f"--blocks {spec!r} holds no block (STOP <= START)", expected="START:STOP with START < STOP")
+    if total is None:
+        return range(0)
+    info = f"kdcache info {store}" if store is not None else "kdcache info STORE"
+    if (a or 0) >= total or (b is not None and b > total):
+        raise KDCacheError(f"--blocks {spec} is outside the store's {total} blocks (0:{total})",
+                           expected=f"START:STOP with 0 <= START < STOP <= {total} (or START: for the rest)",
+                           fix=f"pass a range within 0:{total}; {info} shows the blocks and which are done")
     return range(total)[slice(a, b)]
+
+
+def _num_views(recipe, views: int | None) -> int:
+    """The number of views asked for: the recipe's default when left out; 0 or less is refused
+    (it used to fall back to the default silently)."""
+    if views is None:
+        return recipe.default_views
+    if views < 1:
+        raise KDCacheError(f"--views {views} is not a number of views", expected="--views N with N >= 1",
+                           fix=f"pass --views 1 or more, or leave --views out for the recipe's default "
+                               f"({recipe.default_views} for {recipe.name})")
+    return views
 
 
 def open_view_store(dataset, recipe_name: str, num_views: int | None, view_seed: int, store_root: str,
                     block_n: int) -> Store:
     """Create (or open and check) the store holding this dataset's view table."""
     recipe = get_recipe(recipe_name)
-    v = num_views or recipe.default_views
+    v = _num_views(recipe, num_views)
     seeds, params = view_table(recipe, view_seed, dataset.keys, *dataset.sizes(), v)
     n = len(dataset)
     even_block = -(-n // -(-n // block_n))  # equal blocks: zarr pads a short last chunk to full size
@@ -107,16 +131,18 @@ def check_extract_config(cfg: ExtractConfig) -> None:
     if cfg.dtype not in ("float16", "float32"):
         raise KDCacheError(f"--dtype {cfg.dtype!r} is not supported", expected="float16 or float32")
     recipe = get_recipe(cfg.recipe)
-    _parse_blocks(cfg.blocks, 0)
+    _parse_blocks(cfg.blocks)
     for name, value in (("batch_size", cfg.batch_size), ("block_n", cfg.block_n)):
         if value < 1:
             raise KDCacheError(f"--{name.replace('_', '-')} {value} is not a positive size", expected="an integer >= 1")
-    recipe.check_views(cfg.views or recipe.default_views)
+    recipe.check_views(_num_views(recipe, cfg.views))
 
 
 def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int, n_views: int,
                   device: torch.device) -> TeacherAttrs:
-    """What the store records of the teacher and of what was extracted from it."""
+    """What the store records of the teacher and of what was extracted from it. `teacher_acc` starts
+    unset: it is measured on the test split once the targets are complete (never copied from the
+    checkpoint, whose number may belong to other weights or another test set)."""
     spec, info = model.spec, describe(model, meta["input_size"])
     stages = tuple(sorted(set(needs.stages) | set(cfg.stages)))
     stage_views = (cfg.stage_views if cfg.stage_views is not None else n_views) if stages else 0
@@ -128,7 +154,7 @@ def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int
         mean=tuple(meta["mean"]), std=tuple(meta["std"]), interpolation="bilinear", dtype=cfg.dtype,
         num_classes=num_classes, embed_dim=info.embed_dim, stage_shapes=info.stage_shapes,
         stored_stages=stages, stage_views=stage_views, stage_grid=cfg.stage_grid, has_tail=needs.tail,
-        logits_topk=cfg.topk, teacher_acc=meta["acc"], versions=versions(), autocast=autocast_name(device))
+        logits_topk=cfg.topk, teacher_acc=None, versions=versions(), autocast=autocast_name(device))
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractResult:
@@ -146,6 +172,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     store = open_view_store(train, cfg.recipe, cfg.views, cfg.view_seed, cfg.store_root, cfg.block_n)
     train = to_device_resident(train, device)
     n_views = store.attrs.num_views
+    n = store.num_samples
+    total = n_views * -(-n // min(store.attrs.block_n, n))  # the teacher's done[V, blocks] size
+    _parse_blocks(cfg.blocks, total, store.path)  # refused before anything of the teacher is written
     cache = store.create_teacher(teacher_attrs(cfg, model, meta, needs, train.num_classes, n_views, device), n_views)
     if needs.tail:
         from kdcache.models.tails import save_tail
@@ -156,7 +185,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
     n_blocks = cache.group[DONE].shape[1]
     order = [(v, j) for v in range(n_views) for j in range(n_blocks)]
-    chosen = [order[k] for k in _parse_blocks(cfg.blocks, len(order))]
+    chosen = [order[k] for k in _parse_blocks(cfg.blocks, len(order), store.path)]
     done = cache.done_mask()
     todo = [(v, j) for v, j in chosen if not done[v, j]]
     if cfg.max_blocks is not None:
@@ -190,9 +219,22 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
             f.result()
     seconds = time.perf_counter() - t0
 
+    acc, done = measure_teacher(cfg, cache, model, render_spec, device, wrote=bool(todo))
+    extra = {"checkpoint_acc": meta["checkpoint_acc"], "blocks_done": int(done.sum()), "blocks_total": int(done.size)}
+    return ExtractResult(store.path, len(todo), len(chosen) - len(todo), images, seconds, acc, extra)
+
+
+def measure_teacher(cfg: ExtractConfig, cache, model, render_spec: RenderSpec, device: torch.device,
+                    wrote: bool) -> tuple[float | None, np.ndarray]:
+    """(the teacher's top-1 on the test split, the done marks). Measured here, with the weights that
+    made the targets, once every block is done (again when this run wrote blocks), and recorded as
+    the store's `teacher_acc`; None while the targets are incomplete (nothing is recorded then)."""
+    done = cache.done_mask()
+    if not done.all():
+        return None, done
     acc = cache.attrs.teacher_acc
-    if cache.done_mask().all() and cache.attrs.teacher_acc is None:
+    if acc is None or wrote:
         test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download)
         acc = evaluate_model(model, test, render_spec, device)
         cache.update_attrs(teacher_acc=acc)
-    return ExtractResult(store.path, len(todo), len(chosen) - len(todo), images, seconds, acc)
+    return acc, done

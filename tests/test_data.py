@@ -86,7 +86,9 @@ def test_subset_is_stratified_and_deterministic():
         assert sub.keys == load_dataset("synthetic", subset=n).keys
     a, b = load_dataset("synthetic", subset=100).keys, load_dataset("synthetic", subset=200).keys
     assert len(set(a) & set(b)) > 80  # ranking by key hash: smaller subsets mostly nest
-    assert load_dataset("synthetic", subset=10_000).fingerprint == full.fingerprint
+    assert load_dataset("synthetic", subset=len(full)).fingerprint == full.fingerprint  # all of it: the full set
+    with pytest.raises(KDCacheError, match=r"--subset 513 is larger than synthetic train, which has 512 samples"):
+        load_dataset("synthetic", subset=len(full) + 1)
     idx = subset_indices(full.labels, full.keys, 50, seed=3)
     assert idx.dtype == np.int64 and (np.diff(idx) > 0).all()
     with pytest.raises(KDCacheError):

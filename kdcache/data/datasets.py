@@ -99,13 +99,17 @@ class ImageDataset:
                 f"classes={self.num_classes}, in_memory={self.images is not None})")
 
     def image(self, i: int) -> torch.Tensor:
-        """uint8 [3, H, W] of sample i."""
+        """uint8 [3, H, W] of sample i. A file that cannot be decoded (truncated, damaged, not an
+        image, gone) raises KDCacheError naming the file and the sample key, never trains."""
         if self.images is not None:
             return self.images[i]
         from PIL import Image
 
-        with Image.open(self.paths[i]) as im:
-            arr = np.array(im.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(self.paths[i]) as im:
+                arr = np.array(im.convert("RGB"), dtype=np.uint8)
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+            raise self.decode_error(i, exc) from exc
         self._sizes[i] = arr.shape[:2]
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -116,10 +120,27 @@ class ImageDataset:
         if i not in self._sizes:
             from PIL import Image
 
-            with Image.open(self.paths[i]) as im:
-                w, h = im.size
+            try:
+                with Image.open(self.paths[i]) as im:
+                    w, h = im.size
+            except Exception as exc:
+                raise self.decode_error(i, exc) from exc
             self._sizes[i] = (h, w)
         return self._sizes[i]
+
+    def decode_error(self, i: int, exc: BaseException) -> KDCacheError:
+        """The error for sample i's file that could not be read or decoded."""
+        path = self.paths[i] if self.paths is not None else f"sample {i}"
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, FileNotFoundError):
+            return KDCacheError(f"image {path} (sample {self.keys[i]!r} of {self.name}/{self.split}) is gone: {reason}",
+                                expected="the files that were listed when the dataset was loaded",
+                                fix=f"restore {path}, or run the command again to list the folder afresh")
+        return KDCacheError(
+            f"image {path} (sample {self.keys[i]!r} of {self.name}/{self.split}) cannot be decoded ({reason})",
+            expected="a complete image file that Pillow can read",
+            fix=f"delete {path} or replace it with an intact copy (deleting it changes the dataset: stores made "
+                f"from it must be re-extracted)")
 
     def sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """(heights [N], widths [N]) int64: what the view table needs."""
@@ -317,7 +338,12 @@ def _class_dirs(d: Path) -> list[str]:
 @DATASETS.register("imagefolder")
 def _load_imagefolder(split: str, root: str | None, download: bool, seed: int) -> ImageDataset:
     """ROOT/<split>/<class>/<file>; classes come from ROOT/train when it exists, so the test split
-    gets the same class indices even if it lacks a class."""
+    gets the same class indices even if it lacks a class folder.
+
+    A class folder that exists but holds no image file is refused (KDCacheError naming it): kept,
+    it would be a class with 0 samples that the model still predicts; skipped, the class indices
+    of every later class would shift. Delete the folder (from both splits) or fill it. Files that
+    cannot be decoded are refused when they are read (`ImageDataset.image`), naming the file."""
     d = _imagefolder_split_dir(root, split)
     train_dir = Path(root) / "train"
     classes = _class_dirs(train_dir if train_dir.is_dir() else d)
@@ -333,6 +359,11 @@ def _load_imagefolder(split: str, root: str | None, download: bool, seed: int) -
         if not cdir.is_dir():
             continue
         files = sorted(p for p in cdir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise KDCacheError(
+                f"class folder {cdir} has no images: class {cname!r} would have 0 {split} samples",
+                expected=f"at least one file ending in {', '.join(IMAGE_EXTENSIONS)} in every class folder",
+                fix=f"add images to {cdir}, or delete the folder (from every split, if the class should not exist)")
         for p in files:
             keys.append(p.relative_to(d).as_posix())
             paths.append(str(p))
@@ -421,6 +452,9 @@ def load_dataset(name: str, split: str = "train", *, root: str | None = None, do
                  subset: int | None = None, seed: int = 0) -> ImageDataset:
     """Load one split of a registered dataset, optionally a stratified subset of `subset` samples.
 
+    A subset larger than the split is refused (naming the split's size); `subset == len` is the
+    whole split (and its fingerprint).
+
     `seed` picks the subset (and the synthetic data); keys stay the full set's keys, so a sample
     keeps its views whether or not it is in a subset."""
     factory = DATASETS.get(name)
@@ -431,6 +465,10 @@ def load_dataset(name: str, split: str = "train", *, root: str | None = None, do
         raise KDCacheError(f"subset must be a positive number of samples, got {subset!r}",
                            fix="pass --subset N with N >= 1, or leave it out for the whole split")
     ds = factory(split, root, download, seed)
+    if subset is not None and subset > len(ds):
+        raise KDCacheError(f"--subset {subset} is larger than {name} {split}, which has {len(ds)} samples",
+                           expected=f"a subset of 1 to {len(ds)} samples",
+                           fix=f"pass --subset {len(ds)} or less, or leave --subset out for the whole split")
     if subset is not None and subset < len(ds):
         ds = ds.take(subset_indices(ds.labels, ds.keys, int(subset), seed))
     return ds

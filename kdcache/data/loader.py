@@ -2,7 +2,8 @@
 
 In-memory datasets (all images one size) are rendered a whole batch at a time with
 `render_batch`, on the training device when it is a GPU; lazily loaded datasets (ImageFolder) are
-rendered per sample in DataLoader worker processes (spawned, never forked).
+rendered per sample in DataLoader worker processes (spawned, never forked). A file that cannot be
+decoded, in a worker or not, surfaces as the dataset's KDCacheError naming that file.
 """
 
 from __future__ import annotations
@@ -65,5 +66,20 @@ def iter_views(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, s
         _PerSampleViews(dataset, indices, params, specs), batch_size=batch_size, shuffle=False,
         num_workers=workers, multiprocessing_context="spawn" if workers else None,
         pin_memory=device.type == "cuda")
-    for a, views in zip(range(0, len(indices), batch_size), loader):
+    batches = iter(loader)
+    for a in range(0, len(indices), batch_size):
+        try:
+            views = next(batches)
+        except Exception:
+            if workers:  # a worker's KDCacheError arrives re-wrapped: name the file from here
+                _raise_unreadable(dataset, indices[a:a + batch_size])
+            raise
         yield [v.to(device, non_blocking=True) for v in views], indices[a:a + batch_size]
+
+
+def _raise_unreadable(dataset: ImageDataset, idx: np.ndarray) -> None:
+    """Decode the failed batch's files in this process, so an unreadable one raises the dataset's
+    own KDCacheError (file, sample key, fix) rather than DataLoader's re-wrapped worker error (which
+    for a KDCacheError is a TypeError); when every file decodes, the caller re-raises that error."""
+    for i in idx:
+        dataset.image(int(i))  # a file that cannot be decoded raises here, named

@@ -14,8 +14,10 @@ from kdcache.models.registry import (
     ModelSpec,
     TapModel,
     build_model,
+    check_state_dict,
     describe,
     load_checkpoint_weights,
+    read_checkpoint,
 )
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "ModelSpec",
     "TapModel",
     "build_model",
+    "check_state_dict",
     "describe",
     "load_checkpoint_weights",
+    "read_checkpoint",
 ]

@@ -159,8 +159,11 @@ def _build_from_class(target: str, num_classes: int, kwargs: dict[str, Any]) -> 
     return getattr(module, cls_name)(num_classes=num_classes, **resolved)
 
 
-def load_checkpoint_weights(model: TapModel, path: str | Path) -> dict[str, Any]:
-    """Load weights from a kdcache checkpoint ({'model': state}) or a bare state dict."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(what a kdcache checkpoint says of itself, its state dict), read on the CPU, nothing loaded.
+
+    A kdcache checkpoint is {'model': state dict, 'alias', 'num_classes', 'acc', ...}; a bare (timm)
+    state dict is accepted too and comes with an empty description."""
     path = Path(path)
     if not path.is_file():
         raise KDCacheError(f"checkpoint {path} does not exist",
@@ -169,20 +172,100 @@ def load_checkpoint_weights(model: TapModel, path: str | Path) -> dict[str, Any]
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise KDCacheError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})",
-                           expected="a torch checkpoint file") from exc
-    state = blob.get("model", blob) if isinstance(blob, dict) else blob
-    if any(k.startswith("net.") for k in state):
-        result = model.load_state_dict(state, strict=False)
+                           expected="a torch checkpoint file",
+                           fix=f"the file is damaged or not a checkpoint: replace {path} (or train it again)") from exc
+    if isinstance(blob, dict) and isinstance(blob.get("model"), dict):
+        meta, state = {k: v for k, v in blob.items() if k != "model"}, blob["model"]
     else:
-        result = model.net.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise KDCacheError(
-            f"checkpoint {path} does not fit {model.spec.alias}: {len(result.missing_keys)} missing keys "
-            f"(first: {result.missing_keys[0]})",
-            expected=f"weights of a {model.spec.alias} ({model.spec.timm_name})",
-            fix="pass the checkpoint that was trained for this model alias",
-        )
-    return blob if isinstance(blob, dict) else {}
+        meta, state = {}, blob
+    expected = "a kdcache checkpoint {'model': state dict, ...} or a timm state dict {name: tensor}"
+    if not isinstance(state, dict) or not state:
+        raise KDCacheError(f"checkpoint {path} holds no state dict (it holds a {type(state).__name__})",
+                           expected=expected, fix=f"pass a checkpoint written by `kdcache teacher` instead of {path}")
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise KDCacheError(f"checkpoint {path}: state dict entry {bad!r} is not a tensor ({type(state[bad]).__name__})",
+                           expected=expected, fix=f"pass a checkpoint written by `kdcache teacher` instead of {path}")
+    return meta, dict(state)
+
+
+def head_weight_key(model: TapModel) -> str | None:
+    """The state-dict key of the classifier's weight ([num_classes, D]), None for a headless model."""
+    head = model.net.get_classifier()
+    for name, module in model.named_modules():
+        if module is head and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return f"{name}.weight"
+    return None
+
+
+def check_state_dict(model: TapModel, state: dict[str, torch.Tensor], path: str | Path, *,
+                     meta: dict[str, Any] | None = None, classes_of: str | None = None,
+                     retrain: str | None = None) -> dict[str, torch.Tensor]:
+    """Inspect a checkpoint's state dict against `model` before any weight is loaded; returns it
+    keyed like `model.state_dict()` (a bare timm state dict gets the `net.` prefix).
+
+    In this order, the first failure raising KDCacheError naming `path` and the first offending key:
+    the class count (the head's rows, else the description's `num_classes`) against the model's
+    (`classes_of`, e.g. "dataset cifar100", names where the model's count comes from), missing or
+    unexpected keys (another architecture), shape mismatches, and NaN/Inf in any floating tensor,
+    weights and buffers alike (a BatchNorm running variance included). `retrain` is the command
+    that makes a right checkpoint, quoted in the fixes."""
+    meta = meta or {}
+    alias = model.spec.alias
+    arch = alias if model.spec.timm_name == alias else f"{alias} ({model.spec.timm_name})"
+    if not any(k.startswith("net.") for k in state):
+        state = {f"net.{k}": v for k, v in state.items()}
+    own = model.state_dict()
+    saved = meta.get("alias")
+    saved_as = f" (saved for {saved})" if saved and saved != alias else ""
+    get_one = f"pass a checkpoint trained for {alias}" + (f" on {classes_of}" if classes_of else "")
+    if retrain:
+        get_one += f", or train one: {retrain}"
+    head = head_weight_key(model)
+    if head is not None:
+        want, have = int(own[head].shape[0]), None
+        if head in state and state[head].dim() >= 1 and int(state[head].shape[0]) != want:
+            have, detail = int(state[head].shape[0]), f"its head {head} is {list(state[head].shape)}"
+        elif meta.get("num_classes") is not None and int(meta["num_classes"]) != want:
+            have, detail = int(meta["num_classes"]), "as its num_classes says"
+        if have is not None:
+            owner = f"{classes_of} has" if classes_of else f"the {alias} being built has"
+            raise KDCacheError(f"checkpoint {path}{saved_as} has {have} classes ({detail}), but {owner} {want}",
+                               expected=f"a {alias} checkpoint with a {want}-class head", fix=get_one)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing keys (first: {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys (first: {unexpected[0]})"] if unexpected else []
+        other = f"; or use the alias it was saved for ({saved})" if saved_as and saved in MODELS else ""
+        raise KDCacheError(f"checkpoint {path}{saved_as} does not fit {arch}: {', '.join(parts)}",
+                           expected=f"the state dict of a {arch}", fix=get_one + other)
+    wrong = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise KDCacheError(f"checkpoint {path}{saved_as} does not fit {arch}: {len(wrong)} tensors have another shape "
+                           f"(first: {k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model)",
+                           expected=f"the state dict of a {arch}", fix=get_one)
+    for k, v in state.items():
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            raise KDCacheError(
+                f"checkpoint {path} has non-finite values in {k} ({n_inf} Inf, {n_nan} NaN of {v.numel()})",
+                expected="finite weights and buffers (BatchNorm running statistics included)",
+                fix="the run that saved it diverged or the file was altered: "
+                    + (f"train it again ({retrain})" if retrain else "train it again") + ", or pass another checkpoint")
+    return state
+
+
+def load_checkpoint_weights(model: TapModel, path: str | Path, *, classes_of: str | None = None,
+                            retrain: str | None = None) -> dict[str, Any]:
+    """Load weights from a kdcache checkpoint ({'model': state}) or a bare state dict, after
+    `check_state_dict` found them fit (classes, keys, shapes, finite); returns the checkpoint's
+    description (empty for a bare state dict)."""
+    meta, state = read_checkpoint(path)
+    state = check_state_dict(model, state, path, meta=meta, classes_of=classes_of, retrain=retrain)
+    model.load_state_dict(state, strict=True)
+    return meta
 
 
 @torch.no_grad()
