@@ -149,7 +149,7 @@ def _measure_teacher(cfg, root):
     model, meta = load_teacher(cfg.teacher, cfg.dataset, ds.num_classes, str(root / "teacher.pt"), False, "", ds.mean,
                                ds.std)
     model.to(dev).eval()
-    store = Store.open(store_path(root / "cache", cfg.dataset))
+    store = Store.open(store_path(root / "cache", cfg.dataset, "train", cfg.subset))
     params = store.params()[0]
     spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
     batches = [x for (x,), _ in iter_views(ds, np.arange(min(len(ds), cfg.batch_size * (cfg.steps + 3))),

@@ -25,7 +25,7 @@ from kdcache.methods import method_needs
 from kdcache.models import MODELS, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, load_teacher, teacher_forward
 from kdcache.store import Store, StoreAttrs, TeacherAttrs, store_path, versions
-from kdcache.store.schema import DONE, TAIL_FILE, VIEW_PARAMS
+from kdcache.store.schema import DONE
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _num_views(recipe, views: int | None) -> int:
 
 
 def open_view_store(dataset, recipe_name: str, num_views: int | None, view_seed: int, store_root: str,
-                    block_n: int) -> Store:
+                    block_n: int, subset: int | None = None) -> Store:
     """Create (or open and check) the store holding this dataset's view table."""
     recipe = get_recipe(recipe_name)
     v = _num_views(recipe, num_views)
@@ -122,7 +122,7 @@ def open_view_store(dataset, recipe_name: str, num_views: int | None, view_seed:
         fingerprint=dataset.fingerprint.as_dict(), recipe=recipe.name, recipe_version=recipe.version,
         recipe_knobs=recipe.knobs(), view_seed=view_seed, num_views=v, param_names=tuple(PARAM_NAMES),
         block_n=even_block)
-    path = store_path(store_root, dataset.name, dataset.split)
+    path = store_path(store_root, dataset.name, dataset.split, subset)
     return Store.create_or_open(path, attrs, dataset.labels, key_hashes(dataset.keys), seeds, params)
 
 
@@ -169,7 +169,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     model.to(device).eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    store = open_view_store(train, cfg.recipe, cfg.views, cfg.view_seed, cfg.store_root, cfg.block_n)
+    store = open_view_store(train, cfg.recipe, cfg.views, cfg.view_seed, cfg.store_root, cfg.block_n,
+                            cfg.subset)
     train = to_device_resident(train, device)
     n_views = store.attrs.num_views
     n = store.num_samples
@@ -179,18 +180,18 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     if needs.tail:
         from kdcache.models.tails import save_tail
 
-        save_tail(model, train.num_classes, cache.path / TAIL_FILE)
+        save_tail(model, train.num_classes, cache.tail_path)
+        cache.record_tail()  # its sha256, checked before every load
     stages, stage_views = cache.attrs.stored_stages, cache.attrs.stage_views
 
     render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
     n_blocks = cache.group[DONE].shape[1]
     order = [(v, j) for v in range(n_views) for j in range(n_blocks)]
     chosen = [order[k] for k in _parse_blocks(cfg.blocks, len(order), store.path)]
-    done = cache.done_mask()
+    done = cache.intact_done_mask()  # a done block with a chunk file missing is written again
     todo = [(v, j) for v, j in chosen if not done[v, j]]
     if cfg.max_blocks is not None:
         todo = todo[:cfg.max_blocks]
-    all_params = store.group[VIEW_PARAMS]
 
     t0, images = time.perf_counter(), 0
     pending: list[Future] = []
@@ -200,7 +201,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         task = bar.add_task("blocks", total=len(todo), rate="")
         for v, j in todo:
             a, b = cache.block_range(j)
-            params = all_params[v, a:b]
+            params = store.block_params(v, a, b)  # damaged chunks are named, not decoded
             logits, embed, maps = [], [], {k: [] for k in stages if v < stage_views}
             for (x,), _ in iter_views(train, np.arange(a, b), params, [render_spec], cfg.batch_size, device):
                 if device.type == "cuda":

@@ -167,7 +167,7 @@ def with_store_teacher(cfg: TrainConfig) -> TrainConfig:
     DATASETS.get(cfg.dataset)  # an unknown dataset is named before any store is looked for
     if cfg.teacher or not method_cls.needs(opts, None, MODELS.get(cfg.student).family).teacher:
         return cfg
-    path = store_path(cfg.store_root, cfg.dataset, "train")
+    path = store_path(cfg.store_root, cfg.dataset, "train", cfg.subset)
     names = Store.open(path).teacher_names()
     if len(names) != 1:
         raise KDCacheError(f"method {cfg.method} needs a teacher and {path} holds "
@@ -183,11 +183,8 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
     method_cls, opts = resolve_method(cfg.method, cfg.opts)
     tfamily = MODELS.get(cfg.teacher).family if cfg.teacher else None
     needs = method_cls.needs(opts, tfamily, sspec.family)
-    if needs.teacher and not cfg.teacher:
-        raise KDCacheError(f"method {cfg.method} distils from a teacher, but no --teacher was given",
-                           fix=f"kdcache train --method {cfg.method} --teacher NAME --student {cfg.student}")
     store = cache = tinfo = None
-    path = store_path(cfg.store_root, cfg.dataset, "train")
+    path = store_path(cfg.store_root, cfg.dataset, "train", cfg.subset)
     if needs.teacher:
         store = Store.open(path)
         store.check_dataset(train.fingerprint.as_dict())

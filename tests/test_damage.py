@@ -28,7 +28,7 @@ from kdcache.store.schema import DONE, EMBED, KEY_HASH, LABELS, LOGITS, TAIL_FIL
 
 T = "resnet10t"
 N, V, BN = 128, 2, 32
-FIX = r"fix: kdcache verify \S+train\.zarr --repair \(.*\), then kdcache extract --teacher resnet10t " \
+FIX = r"fix: kdcache verify \S+train-n128\.zarr --repair \(.*\), then kdcache extract --teacher resnet10t " \
       r"--dataset synthetic"
 KDCACHE = str(Path(sys.executable).with_name("kdcache"))
 
@@ -56,7 +56,7 @@ def clean(tmp_path_factory):
     ckpt = root / "teacher.pt"
     torch.save({"model": model.state_dict(), "alias": T, "num_classes": 10, "acc": 10.0}, ckpt)
     run_extract(_extract_config(root, ckpt))
-    path = root / "cache" / "synthetic" / "train.zarr"
+    path = root / "cache" / "synthetic" / f"train-n{N}.zarr"
     cache = Store.open(path, mode="a").teacher(T)
     save_tail(model, 10, cache.tail_path)  # what extract does for FBT, then the hash it records
     cache.record_tail()
@@ -66,7 +66,7 @@ def clean(tmp_path_factory):
 @pytest.fixture
 def copy(clean, tmp_path):
     """A fresh copy of the clean store: (store path, teacher folder)."""
-    path = tmp_path / "cache" / "synthetic" / "train.zarr"
+    path = tmp_path / "cache" / "synthetic" / f"train-n{N}.zarr"
     shutil.copytree(clean[0], path)
     return path, path / "teachers" / T
 
@@ -146,9 +146,9 @@ CASES = [
     ("stages-group-json", lambda s, t: (t / "stages" / "zarr.json").write_text("{"), lambda p: Store.open(p).teacher(T),
      r"teachers/resnet10t/stages/zarr\.json is damaged \(not valid JSON\)"),
     ("teachers-group-json", lambda s, t: (s / "teachers" / "zarr.json").unlink(), lambda p: Store.open(p),
-     r"train\.zarr/teachers/zarr\.json is missing"),
+     r"train-n128\.zarr/teachers/zarr\.json is missing"),
     ("store-json-truncated", lambda s, t: truncate(s / "zarr.json"), lambda p: Store.open(p),
-     r"train\.zarr/zarr\.json is damaged \(not valid JSON\): the store's own description .* is lost\n  fix: delete "),
+     r"train-n128\.zarr/zarr\.json is damaged \(not valid JSON\): the store's own description .* is lost\n  fix: delete "),
     # 7. a chunk of a block marked done, deleted or flipped: named by the pre-training check
     ("logits-chunk-deleted", lambda s, t: (t / LOGITS / "c" / "1" / "2" / "0").unlink(),
      lambda p: Store.open(p).teacher(T).check_integrity(),

@@ -56,8 +56,23 @@ def teacher_group(alias: str) -> str:
     return f"{TEACHERS}/{alias}"
 
 
-def store_path(root: str | Path, dataset: str, split: str = "train") -> Path:
-    return Path(root) / dataset / f"{split}.zarr"
+def store_path(root: str | Path, dataset: str, split: str = "train", subset: int | None = None) -> Path:
+    """`<root>/<dataset>/<split>.zarr`, or `<split>-n<subset>.zarr` for a stratified subset: stores
+    are keyed by what fingerprints them, so a subset and the full set live side by side."""
+    return Path(root) / dataset / (f"{split}-n{subset}.zarr" if subset else f"{split}.zarr")
+
+
+def stores_beside(path: str | Path) -> list[str]:
+    """The other stores of the same dataset folder, each with the flag that selects it
+    (`train-n10000.zarr (--subset 10000)`), for messages about a store that is not there."""
+    path = Path(path)
+    split = path.name.split("-n")[0].removesuffix(".zarr")
+    out = []
+    for other in sorted(path.parent.glob(f"{split}*.zarr")) if path.parent.is_dir() else []:
+        if other != path:
+            sub = other.name.removesuffix(".zarr").partition("-n")[2]
+            out.append(f"{other.name} ({'--subset ' + sub if sub else 'no --subset'})")
+    return out
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from kdcache.store.integrity import (DELETE_TEACHER, GONE, MANUAL, REPAIR_STEP, 
 from kdcache.store.schema import (ATTRS_KEY, DONE, EMBED, KEY_HASH, LABELS, LOGITS, LOGITS_IDS, LOGITS_LSE,
                                   LOGITS_VALS, META_FILE, STAGES_GROUP, STORE_GROUPS, TAIL_FILE, TEACHERS,
                                   VIEW_ARRAYS, VIEW_PARAMS, VIEW_SEEDS, StoreAttrs, TeacherAttrs, from_attrs, jsonable,
-                                  stage_array, teacher_group, to_attrs)
+                                  stage_array, stores_beside, teacher_group, to_attrs)
 
 CHECKSUM = [Crc32cCodec()]
 COMPRESSED = [ZstdCodec(level=1), Crc32cCodec()]
@@ -71,9 +71,11 @@ class Store:
         metadata is an error naming it (`check=False`: for verify and info, which list damage)."""
         path = Path(path)
         if not (path / META_FILE).is_file() and not _looks_like_store(path):
-            raise KDCacheError(f"no kdcache store at {path}",
+            beside = stores_beside(path)
+            raise KDCacheError(f"no kdcache store at {path}" + (f"; beside it: {', '.join(beside)}" if beside else ""),
                                expected="a directory written by `kdcache extract`",
-                               fix=f"{_fix_extract(path.parent.name)}  (or pass the right --store-root)")
+                               fix=("pass the flag of the store you mean, or " if beside else "")
+                               + f"{_fix_extract(path.parent.name)}  (or pass the right --store-root)")
         attrs = cls._read_attrs(path)
         try:
             group = zarr.open_group(path, mode=mode)

@@ -172,7 +172,7 @@ def extract_config(pipe: Pipeline, spec: TeacherSpec, methods: tuple[str, ...], 
 # ---------------------------------------------------------------------------------------------------
 def store_state(pipe: Pipeline) -> Store | None:
     """The pipeline's store, or None when there is none yet (a broken one is an error)."""
-    path = store_path(pipe.store_root, pipe.dataset, "train")
+    path = store_path(pipe.store_root, pipe.dataset, "train", pipe.subset)
     if not (path / "zarr.json").is_file():
         return None
     return Store.open(path)
