@@ -420,14 +420,22 @@ def _norm(x: torch.Tensor, mean, std) -> torch.Tensor:
     return x.div_(255.0).sub_(m).div_(s)
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear with antialias (torchvision's default for tensors) on float [B, C, h, w]."""
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _resize(x: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Antialiased bilinear (torchvision's default for tensors) or bicubic on float [B, C, h, w];
+    bicubic is clamped to the pixel range, as a uint8 image would be."""
+    if interpolation not in INTERPOLATIONS:
+        raise KDCacheError(f"unknown interpolation {interpolation!r}", expected=" or ".join(INTERPOLATIONS))
     if x.shape[-2:] == (size, size):
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
+    return out.clamp_(0.0, 255.0) if interpolation == "bicubic" else out
 
 
-def render(image: torch.Tensor, params, size: int, mean, std) -> torch.Tensor:
+def render(image: torch.Tensor, params, size: int, mean, std, interpolation: str = "bilinear",
+           normalize: bool = True) -> torch.Tensor:
     """uint8 [C, H, W] -> float32 [C, size, size]: the view described by `params`.
 
     Integer crop (zero padding outside the image), bilinear antialiased resize only when the crop
@@ -449,13 +457,14 @@ def render(image: torch.Tensor, params, size: int, mean, std) -> torch.Tensor:
         crop = torch.zeros((C, h, w), dtype=image.dtype, device=image.device)
         if y1 > y0 and x1 > x0:
             crop[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
-    x = _resize(crop.to(torch.float32).contiguous()[None], size)[0]
+    x = _resize(crop.to(torch.float32).contiguous()[None], size, interpolation)[0]
     if bool(flip):
         x = x.flip(-1)
-    return _norm(x.contiguous(), mean, std)
+    return _norm(x.contiguous(), mean, std) if normalize else x.contiguous()
 
 
-def render_batch(images: torch.Tensor, params: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+def render_batch(images: torch.Tensor, params: torch.Tensor, size: int, mean, std,
+                 interpolation: str = "bilinear", normalize: bool = True) -> torch.Tensor:
     """uint8 [B, C, H, W] (one source size) -> float32 [B, C, size, size], equal to `render` on
     each sample, bit for bit. Works on any device: crops are gathered with one flat index per
     group (zero padding by masking), samples whose crops share a size are resized in one call
@@ -484,7 +493,7 @@ def render_batch(images: torch.Tensor, params: torch.Tensor, size: int, mean, st
         crop = torch.gather(flat, 0, lin.reshape(-1).to(dev)).reshape(len(idx), C, gh, gw)
         if not (bool(vy.all()) and bool(vx.all())):  # zero padding
             crop.masked_fill_(~(vy[:, :, None] & vx[:, None, :]).to(dev)[:, None], 0)
-        crop = _resize(crop.to(torch.float32), size)
+        crop = _resize(crop.to(torch.float32), size, interpolation)
         if out is None:  # one crop size (cifar recipe): no scatter needed
             out = crop
         else:
@@ -492,4 +501,4 @@ def render_batch(images: torch.Tensor, params: torch.Tensor, size: int, mean, st
     if bool(flip.any()):
         fi = torch.nonzero(flip).flatten().to(dev)
         out[fi] = out[fi].flip(-1)
-    return _norm(out, mean, std)
+    return _norm(out, mean, std) if normalize else out
