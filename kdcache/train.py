@@ -56,6 +56,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    decay_all: bool = False  # decay biases and norms too (MLDR-KD's official code)
     warmup_epochs: float = 0.0
     schedule: str = "cosine"  # cosine | constant
     min_lr: float = 0.0
@@ -129,8 +130,10 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]  # biases and norms
+    """SGD or AdamW; weight decay skips biases and norms (timm's habit) unless `decay_all` (the
+    MLDR-KD authors' code decays every parameter)."""
+    decay = [p for p in params if p.ndim > 1 or cfg.decay_all]
+    no_decay = [p for p in params if p.ndim <= 1 and not cfg.decay_all]  # biases and norms
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -238,7 +241,7 @@ def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.
 
 
 IDENTITY_SETTINGS = ("dataset", "subset", "student", "teacher", "method", "epochs", "batch_size", "optimizer", "lr",
-                     "momentum", "nesterov", "weight_decay", "warmup_epochs", "schedule", "min_lr", "drop_path",
+                     "momentum", "nesterov", "weight_decay", "decay_all", "warmup_epochs", "schedule", "min_lr", "drop_path",
                      "pretrained", "input_size", "seed", "stage_ram_mb", "window_chunks")
 
 
