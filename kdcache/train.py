@@ -241,8 +241,8 @@ def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.
 
 
 IDENTITY_SETTINGS = ("dataset", "subset", "student", "teacher", "method", "epochs", "batch_size", "optimizer", "lr",
-                     "momentum", "nesterov", "weight_decay", "decay_all", "warmup_epochs", "schedule", "min_lr", "drop_path",
-                     "pretrained", "input_size", "seed", "stage_ram_mb", "window_chunks")
+                     "momentum", "nesterov", "weight_decay", "decay_all", "warmup_epochs", "schedule", "min_lr",
+                     "drop_path", "pretrained", "input_size", "seed", "stage_ram_mb", "window_chunks")
 
 
 def run_identity(cfg: TrainConfig, plan: Plan, train, mode: str) -> dict[str, Any]:
