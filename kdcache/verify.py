@@ -146,7 +146,7 @@ def _replay(store: Store, cache, report: VerifyReport, samples: int, seed: int, 
         ds = load_dataset(fp["name"], fp["split"], root=data_root, subset=subset)
     store.check_dataset(ds.fingerprint.as_dict())
     model, _ = load_teacher(cache.alias, fp["name"], a.num_classes, checkpoint or a.checkpoint, a.pretrained,
-                            DEFAULT_CHECKPOINT_DIR, a.mean, a.std)
+                            DEFAULT_CHECKPOINT_DIR, a.mean, a.std, expected_sha256=a.checkpoint_sha256)
     model.to(dev).eval()
     rng = np.random.default_rng(seed)
     done = cache.done_mask()

@@ -210,3 +210,19 @@ def test_in_memory_views_render_in_batches():
     _, params = view_table(get_recipe("cifar"), 0, ds.keys, h, w, 162)
     out = render_batch(ds.images[:16], torch.from_numpy(params[5, :16]), 32, ds.mean, ds.std)
     assert out.shape == (16, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_a_download_without_internet_is_one_named_error(tmp_path, monkeypatch):
+    """`download = true` (the cifar100 pipeline's default) fails in one line where the internet is
+    not reachable, naming the folder to fill by hand."""
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tvd, "CIFAR100", offline)
+    with pytest.raises(KDCacheError, match=r"(?s)could not download cifar100 into .*Name or service not known.*"
+                                           r"fix: copy cifar-100-python/"):
+        load_dataset("cifar100", "train", root=str(tmp_path), download=True)

@@ -250,7 +250,11 @@ def _load_fashion_mnist(split: str, root: str | None, download: bool, seed: int)
     if found is None and download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(root or "./data", train=split == "train", download=True)
+        try:
+            FashionMNIST(root or "./data", train=split == "train", download=True)
+        except OSError as exc:  # no network (URLError), or the download was cut
+            raise KDCacheError(f"could not download fashion-mnist ({getattr(exc, 'reason', exc)})",
+                               fix="apt-get install dataset-fashion-mnist (no --download needed)") from exc
         found = _fmnist_locate(split, root or "./data")
     if found is None:
         raise _fmnist_missing(split, root)
@@ -300,6 +304,11 @@ def _cifar_factory(name: str) -> Factory:
             ds = getattr(tvd, cls_name)(root, train=split == "train", download=download)
         except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
             raise _cifar_missing(name, root) from exc
+        except OSError as exc:  # no network (URLError), or the download was cut
+            raise KDCacheError(f"could not download {name} into {root} ({getattr(exc, 'reason', exc)})",
+                               expected=f"the internet, or {folder}/ already under {root}",
+                               fix=f"copy {folder}/ (the python version) into {root} and run again "
+                                   "(the pipeline's download = true is then harmless)") from exc
         labels = np.asarray(ds.targets, dtype=np.int64)
         return ImageDataset(name, split, num_classes, list(ds.classes), _keys(split, len(labels)), labels,
                             mean, std, images=_rgb_from_hwc(ds.data))
