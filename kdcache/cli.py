@@ -61,8 +61,11 @@ def extract(
     checkpoint: Optional[str] = typer.Option(None, help="teacher weights (default checkpoints/<dataset>/<teacher>.pt)"),
     pretrained: bool = typer.Option(False, help="use timm hub weights"),
     checkpoint_dir: str = typer.Option("checkpoints", help="where `kdcache teacher` saved checkpoints"),
-    recipe: str = typer.Option("cifar", help="view recipe: cifar (all 162 pad-crop/flip views), padcrop (the same, one sampled view per epoch), rrc (RandomResizedCrop + flip), eval"),
-    views: Optional[int] = typer.Option(None, help="number of views (default: the recipe's)"),
+    recipe: Optional[str] = typer.Option(None, help="view recipe: cifar (all 162 pad-crop/flip views), padcrop (the "
+                                         "same, one sampled view per epoch), rrc (RandomResizedCrop + flip), eval; "
+                                         "default: the dataset's (padcrop for fashion-mnist, rrc for cifar100)"),
+    views: Optional[int] = typer.Option(None, help="number of views (default: all of an enumerating recipe, else "
+                                        "one per epoch of the dataset's default training preset)"),
     methods: str = typer.Option("kd", help="comma-separated methods the store must serve"),
     student_family: str = typer.Option("cnn", help="student family for family-dependent needs (FBT)"),
     stages: str = typer.Option("", help="extra stage maps to store, e.g. 3,4"),
@@ -83,6 +86,11 @@ def extract(
 ):
     """Stage one: run the teacher once over every view and write the Zarr store (resumable)."""
     from kdcache.extract import ExtractConfig, run_extract
+    from kdcache.presets import default_views
+
+    if recipe is None or views is None:
+        recipe, views, why = default_views(dataset, recipe, views)
+        typer.echo(f"note: {why} (--recipe and --views choose)")
 
     _refuse_renamed("--seed", old_seed, "--view-seed")
     stage_list = tuple(int(s) for s in stages.replace(",", " ").split()) if stages else ()

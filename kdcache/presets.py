@@ -57,3 +57,26 @@ def default_student(dataset: str) -> str:
     if dataset not in DEFAULT_STUDENTS:
         raise KDCacheError(f"no default student for dataset {dataset!r}", fix="pass --student NAME (kdcache list)")
     return DEFAULT_STUDENTS[dataset]
+
+
+# The view recipe `kdcache extract` uses when none is named: the one the dataset's students train with.
+DEFAULT_RECIPES = {"fashion-mnist": "padcrop", "synthetic": "padcrop", "cifar10": "rrc", "cifar100": "rrc",
+                   "imagefolder": "rrc"}
+
+
+def default_views(dataset: str, recipe: str | None, views: int | None) -> tuple[str, int | None, str]:
+    """(recipe, views, what was chosen and why) for an extraction that leaves them out: the
+    dataset's recipe, and one view per epoch of its default student's preset (every view of an
+    enumerating recipe: the recipe decides)."""
+    from kdcache.data import get_recipe
+
+    recipe = recipe or DEFAULT_RECIPES.get(dataset, "cifar")
+    r = get_recipe(recipe)
+    if views is None and not r.enumerates:
+        from kdcache.models import MODELS
+
+        student = DEFAULT_STUDENTS.get(dataset, "resnet18")
+        epochs = PRESETS.get(preset_for(MODELS.get(student).family, dataset))["epochs"]
+        views = r.views_for_epochs(epochs)
+    shown = views if views is not None else r.default_views
+    return recipe, views, f"recipe {recipe} with {shown} views (the {dataset} default)"
