@@ -33,8 +33,8 @@ from kdcache.store.integrity import (DELETE_TEACHER, GONE, MANUAL, REPAIR_STEP, 
                                      view_chunk_damage)
 from kdcache.store.schema import (ATTRS_KEY, DONE, EMBED, KEY_HASH, LABELS, LOGITS, LOGITS_IDS, LOGITS_LSE,
                                   LOGITS_VALS, META_FILE, STAGES_GROUP, STORE_GROUPS, TAIL_FILE, TEACHERS,
-                                  VIEW_ARRAYS, VIEW_PARAMS, VIEW_SEEDS, StoreAttrs, TeacherAttrs, from_attrs, jsonable,
-                                  stage_array, stores_beside, teacher_group, to_attrs)
+                                  VIEW_ARRAYS, VIEW_PARAMS, VIEW_SEEDS, StoreAttrs, TeacherAttrs, check_schema_version,
+                                  from_attrs, jsonable, stage_array, stores_beside, teacher_group, to_attrs)
 
 CHECKSUM = [Crc32cCodec()]
 COMPRESSED = [ZstdCodec(level=1), Crc32cCodec()]
@@ -53,6 +53,22 @@ def _fix_extract(dataset: str, teacher: str = "TEACHER") -> str:
 
 def _looks_like_store(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in (TEACHERS, *STORE_GROUPS))
+
+
+def read_record(file: Path, cls: type, before=None) -> tuple[Any, str | None]:
+    """The kdcache attrs record (`cls`) of a group's zarr.json, or (None, what is wrong with it)."""
+    doc, problem = read_meta(file, "group")
+    block = (doc.get("attributes") or {}).get(ATTRS_KEY) if doc is not None else None
+    if problem is None and not isinstance(block, dict):
+        problem = f"has no {ATTRS_KEY} attrs block"
+    if problem is not None:
+        return None, problem
+    if before is not None:
+        before(block)
+    try:
+        return from_attrs(cls, block), None
+    except (TypeError, ValueError) as exc:
+        return None, f"has a damaged {ATTRS_KEY} attrs block ({exc})"
 
 
 class Store:
@@ -90,15 +106,9 @@ class Store:
     @staticmethod
     def _read_attrs(path: Path) -> StoreAttrs:
         file = path / META_FILE
-        doc, problem = read_meta(file, "group")
-        block = (doc.get("attributes") or {}).get(ATTRS_KEY) if doc is not None else None
-        if problem is None and not isinstance(block, dict):
-            problem = f"has no {ATTRS_KEY} attrs block"
-        if problem is None:
-            try:
-                return from_attrs(StoreAttrs, block)
-            except (TypeError, ValueError) as exc:
-                problem = f"has a damaged {ATTRS_KEY} attrs block ({exc})"
+        record, problem = read_record(file, StoreAttrs, before=lambda block: check_schema_version(block, path))
+        if record is not None:
+            return record
         raise KDCacheError(
             f"{file} {problem}: the store's own description (dataset, recipe, view seed) is lost",
             fix=f"delete {path} and run the extract command again ({_fix_extract(path.parent.name)} "
@@ -293,15 +303,9 @@ class Store:
         """A teacher's attrs, or the damage that lost them."""
         folder = self.path / teacher_group(alias)
         file = folder / META_FILE
-        doc, problem = read_meta(file, "group")
-        block = (doc.get("attributes") or {}).get(ATTRS_KEY) if doc is not None else None
-        if problem is None and not isinstance(block, dict):
-            problem = f"has no {ATTRS_KEY} attrs block"
-        if problem is None:
-            try:
-                return from_attrs(TeacherAttrs, block), None
-            except (TypeError, ValueError) as exc:
-                problem = f"has a damaged {ATTRS_KEY} attrs block ({exc})"
+        record, problem = read_record(file, TeacherAttrs)
+        if record is not None:
+            return record, None
         if not folder.is_dir():
             return None, Damage(folder, f"{folder} was deleted while this command was using it", GONE, alias)
         return None, Damage(file, f"{file} {problem}: the teacher's attrs (checkpoint, settings) are lost",
