@@ -295,6 +295,8 @@ def bench(
     batch_size: int = 128,
     steps: int = typer.Option(30, help="timed training steps per mode"),
     views: int = typer.Option(2, help="views extracted"),
+    recipe: str = typer.Option("padcrop", "--recipe", help="view recipe of every mode (ofa_vit: crop, RandAugment, "
+                               "erasing, mixup/cutmix)"),
     dtype: str = "float16",
     topk: int = typer.Option(0, help="also measure a top-k logits store (bytes, accuracy vs dense)"),
     teacher_checkpoint: Optional[str] = typer.Option(None, help="trained teacher (default: random weights; "
@@ -307,8 +309,32 @@ def bench(
     from kdcache.bench import BenchConfig, run_bench
 
     run_bench(BenchConfig(teacher=teacher, student=student, method=method, dataset=dataset, subset=subset,
-                          batch_size=batch_size, steps=steps, views=views, dtype=dtype, device=device,
+                          batch_size=batch_size, steps=steps, views=views, recipe=recipe, dtype=dtype, device=device,
                           results=results, topk=topk, teacher_checkpoint=teacher_checkpoint, acc_epochs=acc_epochs))
+
+
+@app.command()
+def views(
+    dataset: str = DATASET,
+    recipe: str = typer.Option("ofa_vit", "--recipe", help="view recipe (kdcache list)"),
+    samples: int = typer.Option(8, help="samples (rows), cycling through the classes"),
+    n_views: int = typer.Option(4, "--views", help="views per sample"),
+    sizes: str = typer.Option("224,32", help="render sizes, e.g. the teacher's and the student's"),
+    view_seed: int = typer.Option(0, "--view-seed", help="the view table's seed (as kdcache extract --view-seed)"),
+    out: str = typer.Option("views.png", "--out", help="PNG written"),
+    subset: Optional[int] = None,
+    data_root: Optional[str] = None,
+    download: bool = False,
+):
+    """A PNG grid of a few samples' views as the teacher and the student see them."""
+    from kdcache.viewgrid import ViewGridConfig, write_grid
+
+    size_list = tuple(int(s) for s in sizes.replace(",", " ").split())
+    path = write_grid(ViewGridConfig(dataset=dataset, recipe=recipe, samples=samples, views=n_views, sizes=size_list,
+                                     view_seed=view_seed, out=out, subset=subset, data_root=data_root,
+                                     download=download))
+    typer.echo(f"wrote {path} ({samples} samples x {n_views} views at {', '.join(map(str, size_list))} px, "
+               f"recipe {recipe})")
 
 
 @app.command()

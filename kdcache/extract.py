@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.data import PARAM_NAMES, get_recipe, key_hashes, load_dataset, view_table
+from kdcache.data import PARAM_NAMES, check_view_table, get_recipe, key_hashes, load_dataset, view_table
 from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast_name, resolve_device
 from kdcache.errors import KDCacheError
@@ -25,7 +25,7 @@ from kdcache.methods import method_needs
 from kdcache.models import MODELS, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, load_teacher, teacher_forward
 from kdcache.store import Store, StoreAttrs, TeacherAttrs, store_path, versions
-from kdcache.store.schema import DONE
+from kdcache.store.schema import DONE, VIEW_PARAMS
 
 
 @dataclass
@@ -120,7 +120,7 @@ def open_view_store(dataset, recipe_name: str, num_views: int | None, view_seed:
     even_block = -(-n // -(-n // block_n))  # equal blocks: zarr pads a short last chunk to full size
     attrs = StoreAttrs(
         fingerprint=dataset.fingerprint.as_dict(), recipe=recipe.name, recipe_version=recipe.version,
-        recipe_knobs=recipe.knobs(), view_seed=view_seed, num_views=v, param_names=tuple(PARAM_NAMES),
+        recipe_knobs=recipe.knobs(), view_seed=view_seed, num_views=v, param_names=tuple(recipe.columns),
         block_n=even_block)
     path = store_path(store_root, dataset.name, dataset.split, subset)
     return Store.create_or_open(path, attrs, dataset.labels, key_hashes(dataset.keys), seeds, params)
@@ -151,7 +151,8 @@ def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int
     return TeacherAttrs(
         alias=cfg.teacher, timm_name=spec.timm_name, family=spec.family, checkpoint=meta["checkpoint"],
         checkpoint_sha256=meta["sha256"], pretrained=cfg.pretrained, input_size=meta["input_size"],
-        mean=tuple(meta["mean"]), std=tuple(meta["std"]), interpolation="bilinear", dtype=cfg.dtype,
+        mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+        interpolation="bilinear" if get_recipe(cfg.recipe).columns == PARAM_NAMES else "per-view", dtype=cfg.dtype,
         num_classes=num_classes, embed_dim=info.embed_dim, stage_shapes=info.stage_shapes,
         stored_stages=stages, stage_views=stage_views, stage_grid=cfg.stage_grid, has_tail=needs.tail,
         logits_topk=cfg.topk, teacher_acc=None, versions=versions(), autocast=autocast_name(device))
@@ -184,7 +185,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         cache.record_tail()  # its sha256, checked before every load
     stages, stage_views = cache.attrs.stored_stages, cache.attrs.stage_views
 
-    render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    # augmentation fill colours and erase values in the dataset's normalisation, as the student's
+    render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), tuple(train.mean),
+                             tuple(train.std))
+    recipe = get_recipe(store.attrs.recipe, **store.attrs.recipe_knobs)
+    table_at, fix = store.path / VIEW_PARAMS, f"delete {store.path} and run {store.extract_command(cfg.teacher)}"
     n_blocks = cache.group[DONE].shape[1]
     order = [(v, j) for v in range(n_views) for j in range(n_blocks)]
     chosen = [order[k] for k in _parse_blocks(cfg.blocks, len(order), store.path)]
@@ -202,6 +207,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         for v, j in todo:
             a, b = cache.block_range(j)
             params = store.block_params(v, a, b)  # damaged chunks are named, not decoded
+            check_view_table(params, recipe, n, f"{table_at} (view {v}, samples {a}-{b})", store.attrs.param_names, fix)
             logits, embed, maps = [], [], {k: [] for k in stages if v < stage_views}
             for (x,), _ in iter_views(train, np.arange(a, b), params, [render_spec], cfg.batch_size, device):
                 if device.type == "cuda":

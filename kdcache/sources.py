@@ -136,7 +136,8 @@ class OnlineTargets(CachedTargets):
     """The teacher live on the same views (rendered at its own size), in the cached source's order."""
 
     def __init__(self, cache: TeacherCache, needs: Needs, n: int, device: torch.device, ram_budget_bytes: int,
-                 window_chunks: int, dataset: str, num_classes: int, checkpoint: str | None, checkpoint_dir: str):
+                 window_chunks: int, dataset: str, num_classes: int, checkpoint: str | None, checkpoint_dir: str,
+                 fill: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         # the same budget as the cached run decides held vs streamed maps, hence the same order
         super().__init__(cache, needs, n, device, ram_budget_bytes, window_chunks)
         a = cache.attrs
@@ -144,7 +145,8 @@ class OnlineTargets(CachedTargets):
         self.teacher, _ = load_teacher(a.alias, dataset, num_classes, checkpoint or a.checkpoint, a.pretrained,
                                        checkpoint_dir, a.mean, a.std, expected_sha256=a.checkpoint_sha256)
         self.teacher.to(device).eval()
-        self.render_specs = (RenderSpec(a.input_size, tuple(a.mean), tuple(a.std)),)
+        # the teacher's size and normalisation; augmentation fills in the dataset's (as extraction renders)
+        self.render_specs = (RenderSpec(a.input_size, tuple(a.mean), tuple(a.std), *(fill or (None, None))),)
         self.grid = a.stage_grid
 
     def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:

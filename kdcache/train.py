@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.data import DATASETS, epoch_views, get_recipe, key_hashes, load_dataset, view_table
+from kdcache.data import DATASETS, check_view_table, epoch_views, get_recipe, key_hashes, load_dataset, view_table
+from kdcache.data.augment import COL, soft_targets
 from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
 from kdcache.devices import autocast, resolve_device
 from kdcache.errors import KDCacheError
@@ -37,7 +38,7 @@ from kdcache.results import RunResult, git_commit
 from kdcache.runs import RunFolder, RunState, identity_digest
 from kdcache.sources import CachedTargets, NoTargets, OnlineTargets, check_cache_serves, teacher_info
 from kdcache.store import Store, TeacherCache, store_path
-from kdcache.store.schema import EMBED, LOGITS, jsonable
+from kdcache.store.schema import EMBED, LOGITS, VIEW_PARAMS, jsonable
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     decay_all: bool = False  # decay biases and norms too (MLDR-KD's official code)
+    warmup_lr: float = 0.0  # the lr the linear warm-up starts from (timm's --warmup-lr)
+    clip_grad: float | None = None  # max global L2 norm of the trained gradients (timm's clip_mode "norm")
     warmup_epochs: float = 0.0
     schedule: str = "cosine"  # cosine | constant
     min_lr: float = 0.0
@@ -119,10 +122,11 @@ def check_train_config(cfg: TrainConfig) -> None:
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine (or constant) decay to min_lr; a pure function of the step."""
+    """Linear warm-up from warmup_lr, then cosine (or constant) decay to min_lr; a pure function of
+    the step."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:
-        return cfg.lr * (step + 1) / warm
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * (step + 1) / warm
     if cfg.schedule == "constant":
         return cfg.lr
     t = (step - warm) / max(total_steps - warm, 1)
@@ -157,6 +161,7 @@ class Plan:
     params: np.ndarray  # [V, N, P] view table
     key_hash: np.ndarray
     recipe: Any
+    soft_smoothing: float | None = None  # a mixing recipe: labels are soft, smoothed by this; None: int labels
 
     @property
     def mode(self) -> str:
@@ -204,16 +209,40 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
         if tinfo.num_classes != train.num_classes:
             raise KDCacheError(f"teacher targets have {tinfo.num_classes} classes, dataset has {train.num_classes}")
     if store is not None:
-        recipe = get_recipe(store.attrs.recipe)
+        recipe = get_recipe(store.attrs.recipe, **store.attrs.recipe_knobs)
         num_views, view_seed, params = store.attrs.num_views, store.attrs.view_seed, store.params()
+        check_view_table(params, recipe, len(train), str(store.path / VIEW_PARAMS), store.attrs.param_names,
+                         f"delete {store.path} and run {store.extract_command()}")
     else:
         recipe = get_recipe(cfg.recipe)
         num_views, view_seed = cfg.views or recipe.views_for_epochs(cfg.epochs), cfg.view_seed
         _, params = view_table(recipe, view_seed, train.keys, *train.sizes(), num_views)
+    smoothing = soft_label_smoothing(recipe, opts)
+    if smoothing is not None:
+        print(f"note: recipe {recipe.name} mixes views: labels are soft (each view's lambda, smoothing {smoothing:g} "
+              f"from the method's label_smoothing)")
     if not recipe.enumerates and cfg.epochs > num_views:
         print(f"note: {cfg.epochs} epochs over {num_views} cached views: views repeat after epoch {num_views}")
     return Plan(needs, method_cls, opts, store, cache, tinfo, num_views, view_seed, params, key_hashes(train.keys),
-                recipe)
+                recipe, smoothing)
+
+
+def soft_label_smoothing(recipe, method_opts: Any) -> float | None:
+    """With a mixing recipe (ofa_vit) labels are soft: smoothed one-hot labels mixed with each view's
+    lambda (timm's mixup_target), smoothed by the method's own `label_smoothing` option (every method
+    has one; 0.1, timm's --smoothing of the OFA recipe, for one that has none). None: int labels."""
+    if not recipe.mixes:
+        return None
+    return float(options_dict(method_opts).get("label_smoothing", 0.1))
+
+
+def batch_labels(plan: Plan, train, idx: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int64 [B] labels of the batch, or float32 [B, C] soft ones when the recipe mixes views."""
+    labels = torch.from_numpy(train.labels[idx]).to(device)
+    if plan.soft_smoothing is None:
+        return labels
+    partners = torch.from_numpy(train.labels[rows[:, COL["mx_partner"]].astype(np.int64)]).to(device)
+    return soft_targets(labels, partners, torch.from_numpy(rows), train.num_classes, plan.soft_smoothing)
 
 
 def make_source(plan: Plan, cfg: TrainConfig, train, device: torch.device) -> NoTargets:
@@ -223,7 +252,8 @@ def make_source(plan: Plan, cfg: TrainConfig, train, device: torch.device) -> No
     budget = cfg.stage_ram_mb << 20
     if cfg.online:
         return OnlineTargets(plan.cache, plan.needs, len(train), device, budget, cfg.window_chunks, cfg.dataset,
-                             train.num_classes, cfg.teacher_checkpoint, cfg.checkpoint_dir)
+                             train.num_classes, cfg.teacher_checkpoint, cfg.checkpoint_dir,
+                             fill=(tuple(train.mean), tuple(train.std)))
     return CachedTargets(plan.cache, plan.needs, len(train), device, budget, cfg.window_chunks)
 
 
@@ -241,8 +271,9 @@ def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.
 
 
 IDENTITY_SETTINGS = ("dataset", "subset", "student", "teacher", "method", "epochs", "batch_size", "optimizer", "lr",
-                     "momentum", "nesterov", "weight_decay", "decay_all", "warmup_epochs", "schedule", "min_lr",
-                     "drop_path", "pretrained", "input_size", "seed", "stage_ram_mb", "window_chunks")
+                     "momentum", "nesterov", "weight_decay", "decay_all", "warmup_lr", "clip_grad", "warmup_epochs",
+                     "schedule", "min_lr", "drop_path", "pretrained", "input_size", "seed", "stage_ram_mb",
+                     "window_chunks")
 
 
 def run_identity(cfg: TrainConfig, plan: Plan, train, mode: str) -> dict[str, Any]:
@@ -367,7 +398,7 @@ def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, flo
                 for group in opt.param_groups:
                     group["lr"] = lr_at(state.step, total_steps, steps_per_epoch, cfg)
                 targets = run.source.batch(idx, views)
-                labels = torch.from_numpy(run.train.labels[idx]).to(device)
+                labels = batch_labels(plan, run.train, idx, view_params[idx], device)
                 with autocast(device):
                     out = student(views[0], stages=plan.needs.student_stages)
                     losses = method(out, targets, labels, epoch=epoch, step=state.step, total_epochs=cfg.epochs)
@@ -378,6 +409,8 @@ def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, flo
                                        fix="lower --lr, or check the method options")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
                 opt.step()
                 state.step += 1
                 step_ends.append(time.perf_counter())

@@ -160,7 +160,7 @@ def _replay(store: Store, cache, report: VerifyReport, samples: int, seed: int, 
     rows = np.unique(views)
     table = store.params(rows)
     params = table[np.searchsorted(rows, views), idx]
-    spec = RenderSpec(a.input_size, tuple(a.mean), tuple(a.std))
+    spec = RenderSpec(a.input_size, tuple(a.mean), tuple(a.std), tuple(ds.mean), tuple(ds.std))  # fill: the data's
     cached_logits = cache.read_pairs(LOGITS, views, idx)
     cached_embed = cache.read_pairs(EMBED, views, idx)
     live_l, live_e = [], []

@@ -182,3 +182,19 @@ def test_gradients_reach_projectors_gates_and_student_not_teacher(info):
 def test_real_students_give_finite_losses(alias):
     assert_trains_on_real_student(lambda info: MLDR(build_options(MLDR), info, SWIN_PICO), alias,
                                   TeacherTargets(logits=torch.randn(4, 10)), n_losses=7)
+
+
+def test_stage4_conv_has_no_bias_and_the_preset_decays_everything():
+    """MLDR-KD's projector: stage-4 1x1 conv without bias (OFA's has one); its optimiser decays every
+    parameter (decay_all) on top of the OFA CNN recipe."""
+    from kdcache.presets import PRESETS
+    from kdcache.methods.ofa import OFA
+    from kdcache.train import TrainConfig
+
+    conv = MLDR(build_options(MLDR), CNN, TEACHER).projectors["4"].body[0]
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
+    assert OFA(build_options(OFA), CNN, TEACHER).projectors["4"].body[0].bias is not None
+    preset = PRESETS.get("mldr_cifar_cnn")
+    assert preset == {**PRESETS.get("ofa_cifar_cnn"), "decay_all": True}
+    assert preset["nesterov"] is True and preset["min_lr"] == 1e-3 and preset["lr"] == 0.05
+    assert TrainConfig.from_preset("mldr_cifar_cnn", student="resnet18", dataset="cifar100").decay_all is True

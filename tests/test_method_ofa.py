@@ -205,3 +205,88 @@ def test_gradients_reach_projectors_and_student_not_teacher(info):
 def test_real_students_give_finite_losses(alias):
     assert_trains_on_real_student(lambda info: OFA(build_options(OFA), info, SWIN_PICO), alias,
                                   TeacherTargets(logits=torch.randn(4, 10)), n_losses=6)
+
+
+@pytest.mark.parametrize("n,acts", [(1, ["GELU"]), (2, ["GELU", "Identity"]), (3, ["GELU", "GELU", "Identity"])])
+def test_gelu_follows_the_first_merge_even_when_it_is_the_only_one(n, acts):
+    """OFAKD distillers/ofa.py lines 74-86: act_layer=nn.GELU for the first merge, then GELU for all
+    but the last."""
+    grid = {1: 4, 2: 8, 3: 16}[n]
+    info = ModelInfo("vit_x", "vit", 32, C, 16, ((16, grid, grid),) * 4)
+    p = build_stage_projector(info, TEACHER, 1)  # target grid 2x2 (the Swin teacher's stage 4)
+    assert p.num_merges == n
+    assert [type(m.act).__name__ for m in p.merge] == acts
+    # the first merge's output is GELU(Linear(LayerNorm(2x2 neighbours))), not the raw projection
+    pm = p.merge[0]
+    x = torch.randn(2, grid, grid, 16)
+    assert torch.allclose(pm(x), F.gelu(pm.reduction(pm.norm(
+        x.reshape(2, grid // 2, 2, grid // 2, 2, 16).permute(0, 1, 3, 4, 2, 5).reshape(2, grid // 2, grid // 2, 64)))))
+
+
+def test_vit_students_keep_their_class_token_through_the_projector():
+    """OFAKD distillers/ofa.py lines 91-103: prefix tokens skip the merging, go through the blocks and
+    the class token is the descriptor."""
+    from kdcache.models import build_model, describe
+
+    torch.manual_seed(0)
+    net = build_model("deit_pico", 10)
+    info = describe(net)
+    assert info.prefix_tokens == 1
+    out = net(torch.randn(4, 3, 32, 32), stages=True)
+    assert [tuple(p.shape) for p in out.prefix] == [(4, 1, 192)] * 4
+    m = OFA(build_options(OFA), info, SWIN_PICO)
+    proj = m.projectors["2"]
+    assert proj.prefix_tokens == 1 and isinstance(proj.prefix_proj, nn.Identity)
+    with torch.no_grad():  # the descriptor is the class token after the blocks
+        merged = proj.merge(out.stages[1].permute(0, 2, 3, 1)).flatten(1, 2)
+        ref = proj.blocks(torch.cat([out.prefix[1], merged], 1))[:, 0]
+        assert torch.allclose(proj(out.stages[1], out.prefix[1]), ref, atol=1e-6)
+        assert not torch.allclose(proj(out.stages[1], out.prefix[1] + 1), ref, atol=1e-3)
+    # with the patch maps detached, the stage losses still reach the student's cls_token through the
+    # prefix tokens alone
+    cut = ModelOutputs(out.logits.detach(), out.embed.detach(), [s.detach() for s in out.stages], out.prefix)
+    losses = m(cut, TeacherTargets(logits=torch.randn(4, 10)), torch.randint(0, 10, (4,)),
+               epoch=0, step=0, total_epochs=1)
+    sum(v for k, v in losses.items() if "stage" in k).backward()
+    assert net.net.cls_token.grad is not None and net.net.cls_token.grad.abs().sum() > 0
+    # a projector built for a class token refuses maps without it (and the other way round)
+    with pytest.raises(KDCacheError, match="prefix"):
+        proj(out.stages[1].detach())
+    with pytest.raises(KDCacheError, match="prefix"):
+        build_stage_projector(TOK, TEACHER, 2)(torch.randn(2, 16, 4, 4), torch.randn(2, 1, 16))
+
+
+@pytest.mark.parametrize("alias", ["mixer_pico", "swin_pico", "resnet18_32"])
+def test_other_families_have_no_prefix_tokens(alias):
+    from kdcache.models import build_model, describe
+
+    net = build_model(alias, 10)
+    assert describe(net).prefix_tokens == 0
+    assert net(torch.randn(2, 3, 32, 32), stages=True).prefix is None
+    assert net(torch.randn(2, 3, 32, 32)).prefix is None
+
+
+def test_training_presets_match_the_ofakd_configs():
+    """configs/cifar/cnn.yaml and vit_mlp.yaml field by field (train.py defaults where they are silent)."""
+    from kdcache.presets import PRESETS
+    from kdcache.train import TrainConfig
+
+    cnn = PRESETS.get("ofa_cifar_cnn")
+    assert {k: cnn[k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
+                                "warmup_epochs", "schedule", "min_lr", "input_size", "recipe")} == dict(
+        epochs=300, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=2e-3,
+        warmup_epochs=3, schedule="cosine", min_lr=1e-3, input_size=224, recipe="ofa_cnn")
+    assert cnn["warmup_lr"] == 1e-4  # timm train.py's --warmup-lr default
+    assert PRESETS.get("ofa_cifar_cnn_authors") == {**cnn, "lr": 0.1}
+    vit = PRESETS.get("ofa_cifar_vit")
+    assert {k: vit[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
+                                "schedule", "min_lr", "input_size")} == dict(
+        epochs=300, batch_size=128, optimizer="adamw", lr=5e-4, weight_decay=0.05, warmup_epochs=20,
+        schedule="cosine", min_lr=1e-5, input_size=224)
+    assert (vit["warmup_lr"], vit["clip_grad"], vit["recipe"]) == (5e-7, 5.0, "ofa_vit")
+    assert vit.get("drop_path", 0.0) == 0.0  # train.py's --drop-path default (None: the model's own, 0)
+    for name, student in (("ofa_cifar_cnn", "resnet18"), ("ofa_cifar_cnn_authors", "resnet18"),
+                          ("ofa_cifar_vit", "deit_t")):
+        TrainConfig.from_preset(name, student=student, dataset="cifar100")  # every field exists
+    assert OFA.Options().label_smoothing == 0.1  # the configs' smoothing 0.1
+    assert build_options(OFA, OFA.PRESETS["authors_cifar"]).w_ofa == 0.1

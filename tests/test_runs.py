@@ -197,3 +197,20 @@ def test_a_store_of_several_teachers_needs_the_flag(root):
                     root / "cache" / "synthetic" / "train.zarr" / "teachers" / "twin")
     with pytest.raises(KDCacheError, match=r"(?s)holds 2: resnet10t, twin.*--teacher NAME \(one of resnet10t, twin\)"):
         run_train(_cfg(root, teacher=None))
+
+
+def test_warmup_starts_at_warmup_lr_and_clipping_bounds_the_gradient_norm(root):
+    from kdcache.train import lr_at
+
+    cfg = _cfg(root, lr=0.1, warmup_lr=1e-4, warmup_epochs=1, epochs=2)
+    assert lr_at(0, 20, 10, cfg) == pytest.approx(1e-4 + (0.1 - 1e-4) / 10)
+    assert lr_at(9, 20, 10, cfg) == pytest.approx(0.1)
+    from kdcache.models import build_model
+
+    torch.manual_seed(0)
+    init = build_model("deit_pico", 10).state_dict()  # the trainer's student before its first step
+    r = run_train(_cfg(root, run_name="clipped", clip_grad=1e-3, weight_decay=0.0, lr=0.5, warmup_epochs=0,
+                       results=None, max_steps=1))
+    after = torch.load(r.checkpoint, weights_only=False)["model"]
+    moved = torch.sqrt(sum(((after[k].float() - init[k].float()) ** 2).sum() for k in init if init[k].is_floating_point()))
+    assert 0 < float(moved) <= 0.5 * 1e-3 * 1.0001  # one SGD step of a gradient clipped to norm 1e-3

@@ -122,7 +122,9 @@ def test_cifar100_without_data_or_gpu_fails_at_once(tmp_path, monkeypatch):
         run_sweep(PIPELINES / "cifar100.toml", workdir=tmp_path, console=_console())
     msg = err.value.message
     assert "cannot start sweep cifar100" in msg
-    assert "cifar-100-python" in msg and "download = true" in msg and str(tmp_path / "data" / "cifar100") in msg
+    # the pipeline downloads CIFAR-100 itself (download = true): missing data is no reason to stop;
+    # without a GPU the device is
+    assert "cifar-100-python" not in msg
     if not torch.cuda.is_available():
         assert "CUDA device" in msg and "--device cpu" in msg
     assert _created(tmp_path) == []

@@ -342,11 +342,11 @@ def test_epoch_views_cycle_for_sampling_recipes():
 
 # --- registry and errors -------------------------------------------------------------------------
 def test_unknown_recipe_lists_valid_names():
-    assert RECIPES.names() == ["cifar", "eval", "padcrop", "rrc"]
+    assert RECIPES.names() == ["cifar", "eval", "ofa_cnn", "ofa_vit", "padcrop", "rrc"]
     with pytest.raises(KDCacheError) as err:
         get_recipe("rcc")
     msg = str(err.value)
-    assert "rrc" in msg and "cifar, eval, padcrop, rrc" in msg
+    assert "rrc" in msg and "cifar, eval, ofa_cnn, ofa_vit, padcrop, rrc" in msg
 
 
 def test_recipe_knobs_are_checked_and_recorded():

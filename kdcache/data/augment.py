@@ -4,8 +4,10 @@ The transformer/MLP recipe of OFAKD (timm training script: RandAugment `rand-m9-
 random erasing p=0.25 in 'pixel' mode, mixup alpha 0.8 / cutmix alpha 1.0 with switch prob 0.5 and
 mix prob 1.0) and the CNN recipe (RandomResizedCrop with a random bilinear/bicubic resize per
 image) are described here as explicit per-view parameters, drawn from the (sample, view) seed, and
-rendered by pure batched tensor ops at any resolution. Nothing here is wired into the store or the
-trainer yet.
+rendered by pure batched tensor ops at any resolution. The `ofa_cnn` and `ofa_vit` recipes
+(views.py) draw their view tables with `draw_params`; `loader.iter_views` renders them
+(`render_augmented`, then `apply_mix` with the partner image rendered with the same row); the
+trainer mixes the labels with `soft_targets`.
 
 Parameters (`COLUMNS`, float32, one row per (sample, view)): the crop box and flip of
 `views.PARAM_NAMES`, then
@@ -59,9 +61,9 @@ different normalisations see identical pixels there too.
 Order of rendering, as timm: crop / flip / interpolation (`views.render_batch`), RandAugment and
 colour jitter on uint8-valued floats (each op's output back to integers in 0..255, as PIL's uint8
 images: blends truncate as PIL's do, resampling rounds), normalise, erase, then `apply_mix` with
-the partner's rendered (unmixed) view. The pixel ops equal timm's PIL ops pixel for pixel; the
+the partner's rendered (unmixed) view: the partner image rendered with the mixing view's own row
+(`loader.render_rows`; why, in loader.py's docstring). The pixel ops equal timm's PIL ops pixel for pixel; the
 geometric ops (grid_sample) differ from PIL's by under one level on average, at the fill edge.
-A bicubic base resize (interp = 1) waits for `views.render_batch` to take an `interpolation`.
 """
 
 from __future__ import annotations
@@ -789,12 +791,13 @@ def _render_base(images, p64, params, size, mean, std) -> torch.Tensor:
 
 # --- rendering -------------------------------------------------------------------------------
 def render_augmented(images: torch.Tensor, params, size: int, mean, std, *, fill_mean=None,
-                     fill_std=None) -> torch.Tensor:
+                     fill_std=None, erase: bool = True) -> torch.Tensor:
     """uint8 [B, C, H, W] (one source size) + params [B, len(COLUMNS)] -> float32 [B, C, size, size]:
-    each view's crop/flip/interpolation, RandAugment, colour jitter, normalisation and erasing; not
-    its mixing (`apply_mix`, with the partner's view). Rows that augment nothing equal
-    `views.render_batch` bit for bit. fill_mean / fill_std (default mean / std): the normalisation
-    that the geometric ops' fill colour and the erase values are defined in."""
+    each view's crop/flip/interpolation, RandAugment, colour jitter, normalisation and (unless
+    `erase=False`) erasing (`apply_erase`); not its mixing (`apply_mix`, with the partner's view).
+    Rows that augment nothing equal `views.render_batch` bit for bit. fill_mean / fill_std (default
+    mean / std): the normalisation that the geometric ops' fill colour and the erase values are
+    defined in."""
     params = torch.as_tensor(params)
     if images.dim() != 4 or params.dim() != 2 or params.shape != (images.shape[0], len(COLUMNS)):
         raise KDCacheError(f"render_augmented: images {tuple(images.shape)} and params {tuple(params.shape)}",
@@ -802,21 +805,30 @@ def render_augmented(images: torch.Tensor, params, size: int, mean, std, *, fill
     p64 = params.detach().to("cpu", torch.float64)
     dev = images.device
     B, C = images.shape[:2]
-    x = _render_base(images, p64, params, size, mean, std)
     m, s = _norm_consts(mean, std, C, dev)
     zeros, ones = (0.0,) * C, (1.0,) * C
-    fm, fs = _norm_consts(mean if fill_mean is None else fill_mean, std if fill_std is None else fill_std, C, dev)
+    fm, _ = _norm_consts(mean if fill_mean is None else fill_mean, std if fill_std is None else fill_std, C, dev)
 
-    # 1. uint8-stage ops (RandAugment, then colour jitter) on the rows that have any
     ra_on = [p64[:, COL[f"ra{k}_on"]] > 0.5 for k in range(NUM_LAYERS)]
     cj_on = ((p64[:, COL["cj_brightness"]] != 1) | (p64[:, COL["cj_contrast"]] != 1)
              | (p64[:, COL["cj_saturation"]] != 1) | (p64[:, COL["cj_hue"]] != 0))
     busy = torch.stack(ra_on + [cj_on]).any(0)
+    # 0. rows without uint8-stage ops: the plain normalised render
+    if not bool(busy.any()):
+        x = _render_base(images, p64, params, size, mean, std)
+    else:
+        x = torch.empty((B, C, size, size), dtype=torch.float32, device=dev)
+        calm = torch.nonzero(~busy).flatten()
+        if len(calm):
+            x[calm.to(dev)] = _render_base(images[calm.to(dev)], p64[calm], params[calm.to(params.device)], size,
+                                           mean, std)
+
+    # 1. uint8-stage ops (RandAugment, then colour jitter) on the rows that have any
     if bool(busy.any()):
         rows = torch.nonzero(busy).flatten()
         q = p64[rows]
-        # the busy rows again, unnormalised (x / 255 with mean 0, std 1): their uint8-stage input is then
-        # the same whatever the model's mean/std
+        # the busy rows unnormalised (x / 255 with mean 0, std 1): their uint8-stage input is then the
+        # same whatever the model's mean/std
         y = _q(_render_base(images[rows.to(dev)], q, params[rows.to(params.device)], size, zeros, ones) * 255.0)
         fill = torch.round(fm.reshape(-1) * 255.0).clamp(0, 255)
         for k in range(NUM_LAYERS):
@@ -853,29 +865,87 @@ def render_augmented(images: torch.Tensor, params, size: int, mean, std, *, fill
         x[rows.to(dev)] = (y / 255.0 - m) / s
 
     # 2. random erasing, after normalisation (values given in the fill normalisation)
+    return apply_erase(x, params, mean, std, fill_mean=fill_mean, fill_std=fill_std) if erase else x
+
+
+def _cell_bounds(lo: int, hi: int, grid: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lattice cells [start, end) averaged by output pixels lo..hi-1 at `size` (adaptive pooling's
+    bins: floor(i * grid / size) to ceil((i + 1) * grid / size))."""
+    i = torch.arange(lo, hi, dtype=torch.int64)
+    return (i * grid) // size, -((-(i + 1) * grid) // size)
+
+
+def _pixel_noise_box(noise_id: int, C: int, grid: int, size: int, box: tuple[int, int, int, int],
+                     device) -> torch.Tensor:
+    """float32 [C, b - t, r - l]: the pixels (t..b-1, l..r-1) of `_noise(noise_id, C, grid)` area-averaged
+    to size x size (adaptive average pooling), computed from the lattice cells under the box only
+    (the same cell values as `_noise`; the sums in float64 from an integral image)."""
+    t, l, b, r = box
+    ys, ye = _cell_bounds(t, b, grid, size)
+    xs, xe = _cell_bounds(l, r, grid, size)
+    r0, r1, c0, c1 = int(ys[0]), int(ye[-1]), int(xs[0]), int(xe[-1])
+    base = mix(_DOMAIN_NOISE, np.asarray([noise_id], dtype=np.int64)).astype(np.uint64).view(np.int64)
+    base = torch.from_numpy(base.copy()).to(device)
+    cy = torch.arange(r0, r1, device=device).view(1, -1, 1)
+    cc = torch.arange(C, device=device).view(-1, 1, 1)
+    if grid % 2 == 0:  # every lattice row starts on an even cell: one hash per (cos, sin) pair
+        k0, k1 = c0 // 2, (c1 - 1) // 2 + 1
+        pair = ((cc * grid + cy) * grid) // 2 + torch.arange(k0, k1, device=device).view(1, 1, -1)
+        z = hash_counters(base, pair)
+        u1 = (_lsr(z, 40) + 1).to(torch.float32) * (1.0 / (1 << 24))
+        theta = ((z >> 16) & 0xFFFFFF).to(torch.float32) * (2.0 * math.pi / (1 << 24))
+        rad = torch.sqrt(-2.0 * torch.log(u1))
+        both = torch.stack((rad * torch.cos(theta), rad * torch.sin(theta)), dim=-1).flatten(-2)
+        cells = both[..., c0 - 2 * k0:c0 - 2 * k0 + (c1 - c0)]
+    else:
+        flat = (cc * grid + cy) * grid + torch.arange(c0, c1, device=device).view(1, 1, -1)  # as _noise's
+        z = hash_counters(base, flat >> 1)
+        u1 = (_lsr(z, 40) + 1).to(torch.float32) * (1.0 / (1 << 24))
+        theta = ((z >> 16) & 0xFFFFFF).to(torch.float32) * (2.0 * math.pi / (1 << 24))
+        rad = torch.sqrt(-2.0 * torch.log(u1))
+        cells = torch.where((flat & 1) == 1, rad * torch.sin(theta), rad * torch.cos(theta))
+    if grid == size:
+        return cells
+    integral = F.pad(cells.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))
+    ys, ye, xs, xe = ((v - off).to(device) for v, off in ((ys, r0), (ye, r0), (xs, c0), (xe, c0)))
+    total = (integral[:, ye[:, None], xe[None, :]] - integral[:, ys[:, None], xe[None, :]]
+             - integral[:, ye[:, None], xs[None, :]] + integral[:, ys[:, None], xs[None, :]])
+    count = ((ye - ys)[:, None] * (xe - xs)[None, :]).to(torch.float64)
+    return (total / count).to(torch.float32)
+
+
+def apply_erase(x: torch.Tensor, params, mean, std, *, fill_mean=None, fill_std=None) -> torch.Tensor:
+    """Random erasing of normalised views x [B, C, S, S] (in place; returns x): each erasing row's box
+    holds zeros ('const'), one normal per channel ('rand') or the pixel-noise field area-averaged to S
+    ('pixel'), given in the fill normalisation (default mean / std)."""
+    params = torch.as_tensor(params)
+    p64 = params.detach().to("cpu", torch.float64)
     mode = p64[:, COL["er_mode"]].long()
-    if bool((mode > 0).any()):
-        rows = torch.nonzero(mode > 0).flatten()
-        q = p64[rows]
-        mask = _box_mask(q, ("er_y0", "er_x0", "er_y1", "er_x1"), size, dev)
-        vals = torch.zeros((len(rows), C, size, size), dtype=x.dtype, device=dev)
-        noise_ids = q[:, COL["er_noise"]].long().numpy()
-        grids = q[:, COL["er_grid"]].long()
-        qm = mode[rows]
-        rand = torch.nonzero(qm == 2).flatten()
-        if len(rand):
-            vals[rand.to(dev)] = _noise(noise_ids[rand.numpy()], C, 1, dev).expand(-1, -1, size, size)
-        for gsz in torch.unique(grids[qm == 3]).tolist():
-            sel = torch.nonzero((qm == 3) & (grids == gsz)).flatten()
-            for chunk in torch.split(sel, max(1, (1 << 22) // (C * gsz * gsz))):  # bound the int64 work space
-                field = _noise(noise_ids[chunk.numpy()], C, int(gsz), dev)
-                if gsz != size:
-                    field = F.adaptive_avg_pool2d(field, (size, size))
-                vals[chunk.to(dev)] = field
-        if fill_mean is not None or fill_std is not None:  # values given in the fill normalisation
-            vals = ((vals * fs + fm) - m) / s
-        di = rows.to(dev)
-        x[di] = torch.where(mask, vals, x[di])
+    if not bool((mode > 0).any()):
+        return x
+    dev, C, size = x.device, x.shape[1], x.shape[-1]
+    m, s = _norm_consts(mean, std, C, dev)
+    fm, fs = _norm_consts(mean if fill_mean is None else fill_mean, std if fill_std is None else fill_std, C, dev)
+    rows = torch.nonzero(mode > 0).flatten()
+    q = p64[rows]
+    cols = ("er_y0", "er_x0", "er_y1", "er_x1")
+    mask = _box_mask(q, cols, size, dev)
+    vals = torch.zeros((len(rows), C, size, size), dtype=x.dtype, device=dev)
+    noise_ids = q[:, COL["er_noise"]].long().numpy()
+    qm = mode[rows]
+    rand = torch.nonzero(qm == 2).flatten()
+    if len(rand):
+        vals[rand.to(dev)] = _noise(noise_ids[rand.numpy()], C, 1, dev).expand(-1, -1, size, size)
+    boxes = torch.stack([torch.round(q[:, COL[c]] * size).long() for c in cols], 1).tolist()
+    for k in torch.nonzero(qm == 3).flatten().tolist():  # only the lattice cells under each box
+        t, l, b, r = boxes[k]
+        if b > t and r > l:
+            vals[k, :, t:b, l:r] = _pixel_noise_box(int(noise_ids[k]), C, int(q[k, COL["er_grid"]]), size,
+                                                    (t, l, b, r), dev)
+    if fill_mean is not None or fill_std is not None:  # values given in the fill normalisation
+        vals = ((vals * fs + fm) - m) / s
+    di = rows.to(dev)
+    x[di] = torch.where(mask, vals, x[di])
     return x
 
 
@@ -906,3 +976,19 @@ def mix_targets(y: torch.Tensor, y_partner: torch.Tensor, params) -> torch.Tenso
     """Label (or probability) rows mixed as their views: lam * y + (1 - lam) * y_partner."""
     lam = torch.as_tensor(params)[:, COL["mx_lam"]].to(y.device, y.dtype).view(-1, *([1] * (y.dim() - 1)))
     return y * lam + y_partner * (1.0 - lam)
+
+
+def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """float32 [B, C]: timm's `one_hot(target, C, on_value=1 - s + s / C, off_value=s / C)`."""
+    off = float(smoothing) / num_classes
+    out = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
+    return out.scatter_(1, labels.long().view(-1, 1), 1.0 - float(smoothing) + off)
+
+
+def soft_targets(labels: torch.Tensor, partner_labels: torch.Tensor, params, num_classes: int,
+                 smoothing: float) -> torch.Tensor:
+    """float32 [B, C] labels of mixed views, timm's `mixup_target` order: each label smoothed, then
+    mixed with the view's lambda, `mix_targets(one_hot_smoothed(y), one_hot_smoothed(y_partner), lam)`
+    (rows that do not mix have lambda 1: the smoothed one-hot label)."""
+    return mix_targets(one_hot_smoothed(labels, num_classes, smoothing),
+                       one_hot_smoothed(partner_labels, num_classes, smoothing), params)

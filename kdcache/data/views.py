@@ -21,6 +21,19 @@ Recipes (`RECIPES`):
   rrc    RandomResizedCrop (scale 0.08-1, log-uniform ratio 3/4-4/3, 10 attempts then the
          torchvision centre-crop fallback) + flip with p=0.5, V views drawn from the seeds.
   eval   one deterministic centre crop, no flip.
+  ofa_cnn  OFA-KD's CNN-student recipe: the rrc crop and flip with a random bilinear/bicubic
+           resize per view (the `cnn` preset of data/augment.py).
+  ofa_vit  OFA-KD's ViT/MLP-student recipe: the same crop, RandAugment rand-m9-mstd0.5-inc1,
+           random erasing p=0.25 ('pixel'), mixup 0.8 / cutmix 1.0 (switch 0.5, prob 1) with a
+           mixing partner fixed per (sample, view) (the `vit_mlp` preset of data/augment.py).
+
+The augmented recipes store `augment.COLUMNS` per view (36 float32: crop, flip, then
+interpolation, RandAugment, jitter, erase and mix columns), the others `PARAM_NAMES` (5);
+`Recipe.columns` says which. A mixed view is a pure function of its own row and two images: the
+sample's and its partner's (`mx_partner`, a position in the dataset the table was drawn for),
+both rendered with that row's crop, flip, interpolation, RandAugment and erase, then mixed
+(`loader.iter_views`). Partner positions are the one thing in a table that depends on the sample
+set: a subset's table has other partners (every other column stays the same).
 """
 
 from __future__ import annotations
@@ -154,9 +167,19 @@ class Recipe:
                 expected=f"--views {self.default_views} (or no --views)",
                 fix=f"leave out --views, or use a sampling recipe such as 'rrc' for a chosen number of views")
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The names of the params columns this recipe draws (`views/params[V, N, len(columns)]`)."""
+        return PARAM_NAMES
+
+    @property
+    def mixes(self) -> bool:
+        """True when views mix two samples (mixup/cutmix): labels are then soft (mixed, smoothed)."""
+        return False
+
     def params(self, seeds: np.ndarray, view_ids: np.ndarray, heights: np.ndarray,
                widths: np.ndarray) -> np.ndarray:
-        """float32 [V, N, len(PARAM_NAMES)] for seeds [V, N], view ids [V], source sizes [N]."""
+        """float32 [V, N, len(self.columns)] for seeds [V, N], view ids [V], source sizes [N]."""
         raise NotImplementedError
 
 
@@ -317,6 +340,92 @@ class RRCRecipe(Recipe):
         return out
 
 
+@dataclass(frozen=True)
+class AugmentedRecipe(RRCRecipe):
+    """The rrc crop and flip plus the pixel augmentations of `data/augment.py`, every knob of its
+    `AugmentConfig` recorded with the store (defaults: nothing beyond the crop, bilinear).
+
+    Crop and flip are the rrc recipe's draws from the view seed (the same boxes as `rrc`); the other
+    columns are `augment.draw_params` on the same seeds (its own sub-streams), the mixing partner
+    drawn uniformly among the other samples of the table."""
+
+    name: str = ""
+    interpolation: str = "bilinear"
+    rand_augment: str | None = None
+    color_jitter: float | tuple[float, ...] = 0.0
+    color_jitter_prob: float = 1.0
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_area: tuple[float, float] = (0.02, 1.0 / 3.0)
+    re_min_aspect: float = 0.3
+    re_attempts: int = 10
+    re_grid: int = 224
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("color_jitter", "re_area"):  # JSON gives lists back
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self.augment_config()  # a bad knob is refused here, naming it
+
+    def augment_config(self):
+        """The recipe's `augment.AugmentConfig`."""
+        from kdcache.data import augment
+
+        fields = dataclasses.fields(augment.AugmentConfig)
+        return augment.AugmentConfig(**{f.name: getattr(self, f.name) for f in fields})
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        from kdcache.data import augment
+
+        return augment.COLUMNS
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def params(self, seeds, view_ids, heights, widths):
+        from kdcache.data import augment
+
+        crop = super().params(seeds, view_ids, heights, widths)
+        return augment.draw_params(np.asarray(seeds, dtype=np.uint64), self.augment_config(), base=crop)
+
+
+@RECIPES.register("ofa_cnn")
+@dataclass(frozen=True)
+class OFACNNRecipe(AugmentedRecipe):
+    """OFA-KD's CNN-student training views (Hao840/OFAKD configs/cifar/cnn.yaml on timm's train.py):
+    RandomResizedCrop scale 0.08-1, ratio 3/4-4/3, flip 0.5, bilinear or bicubic at random per view
+    (timm's train interpolation 'random'); no RandAugment, erasing or mixing. = augment.PRESETS["cnn"]."""
+
+    name: str = "ofa_cnn"
+    version: int = 1
+    interpolation: str = "random"
+
+
+@RECIPES.register("ofa_vit")
+@dataclass(frozen=True)
+class OFAViTRecipe(AugmentedRecipe):
+    """OFA-KD's ViT/MLP-student training views (configs/cifar/vit_mlp.yaml on timm's train.py): the
+    ofa_cnn crop, flip and interpolation, RandAugment rand-m9-mstd0.5-inc1, random erasing p=0.25 in
+    'pixel' mode, mixup alpha 0.8 / cutmix alpha 1.0 (switch 0.5, prob 1). = augment.PRESETS["vit_mlp"].
+    Labels are mixed with the view's lambda and smoothed (0.1: the methods' label_smoothing)."""
+
+    name: str = "ofa_vit"
+    version: int = 1
+    interpolation: str = "random"
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+
+
 @RECIPES.register("eval")
 @dataclass(frozen=True)
 class EvalRecipe(Recipe):
@@ -367,7 +476,8 @@ def get_recipe(name: str, **knobs) -> Recipe:
 
 def view_table(recipe: Recipe, view_seed: int, keys: Sequence[str], heights, widths,
                num_views: int) -> tuple[np.ndarray, np.ndarray]:
-    """(seeds uint64 [V, N], params float32 [V, N, 5]) for views 0..num_views-1 of `keys`."""
+    """(seeds uint64 [V, N], params float32 [V, N, len(recipe.columns)]) for views 0..num_views-1
+    of `keys` (mixing partners are positions in `keys`)."""
     recipe.check_views(num_views)
     heights = np.asarray(heights, dtype=np.int64).reshape(-1)
     widths = np.asarray(widths, dtype=np.int64).reshape(-1)
@@ -379,6 +489,60 @@ def view_table(recipe: Recipe, view_seed: int, keys: Sequence[str], heights, wid
     views = np.arange(int(num_views), dtype=np.int64)
     seeds = view_seeds(view_seed, key_hashes(keys), views)
     return seeds, recipe.params(seeds, views, heights, widths)
+
+
+def check_view_table(params, recipe: Recipe, num_samples: int, where: str, names: Sequence[str] | None = None,
+                     fix: str | None = None) -> None:
+    """Refuse a view table [V, N, P] (or a block of its rows [n, P]) that `recipe` cannot have drawn,
+    naming `where` (the array it was read from) and the view and row: other columns than the recipe's
+    (or than the recorded `names`), non-finite values, an empty crop box, a flip that is not 0/1,
+    and for augmented recipes every rule of `augment.check_params` plus a mixing partner outside the
+    table's `num_samples`. One view at a time, so the check needs memory for one view only."""
+    p = np.asarray(params)
+    cols = tuple(recipe.columns)
+
+    def refuse(what: str, expected: str | None) -> None:
+        raise KDCacheError(f"{where}: {what}", expected=expected,
+                           fix=fix or "rebuild the store (delete it and run kdcache extract again)")
+
+    if names is not None and tuple(names) != cols:
+        refuse(f"the table records columns {', '.join(names)}", f"recipe {recipe.name}'s {len(cols)} columns")
+    if p.ndim < 2 or p.shape[-1] != len(cols):
+        refuse(f"view params have {p.shape[-1] if p.ndim else 0} columns",
+               f"{len(cols)} columns for recipe {recipe.name}: {', '.join(cols)}")
+    slabs = [(f"view {v}: ", p[v]) for v in range(p.shape[0])] if p.ndim == 3 else [("", p.reshape(-1, len(cols)))]
+    for at_view, rows in slabs:
+        try:
+            _check_rows(rows, cols, num_samples)
+        except KDCacheError as exc:
+            refuse(at_view + exc.what, exc.expected)
+
+
+def _check_rows(rows: np.ndarray, cols: tuple[str, ...], num_samples: int) -> None:
+    """check_view_table's rules on rows [n, P] (KDCacheError naming the column and row)."""
+    if cols != PARAM_NAMES:
+        from kdcache.data import augment
+
+        augment.check_params(rows)
+        partner = rows[:, augment.COL["mx_partner"]]
+        bad = partner >= num_samples
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise KDCacheError(f"view params: column 'mx_partner' has {float(partner[at])!r} at row {at} "
+                               f"({int(bad.sum())} bad rows)",
+                               expected=f"a sample position below the table's {num_samples} samples")
+        return
+    rows = rows.astype(np.float64)
+    for j, name in enumerate(cols):
+        bad = ~np.isfinite(rows[:, j])
+        if name == "flip":
+            bad |= ~np.isin(rows[:, j], (0.0, 1.0))
+        elif name in ("y1", "x1"):
+            bad |= rows[:, j] <= rows[:, j - 2]
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise KDCacheError(f"view params: column {name!r} has {float(rows[at, j])!r} at row {at} "
+                               f"({int(bad.sum())} bad rows)", expected="finite values, y1 > y0, x1 > x0, flip 0 or 1")
 
 
 def epoch_views(recipe: Recipe, num_views: int, view_seed: int, key_hash: np.ndarray,
@@ -480,11 +644,25 @@ def render_batch(images: torch.Tensor, params: torch.Tensor, size: int, mean, st
     flat = images.contiguous().reshape(-1)
     chan = torch.arange(C)[None, :, None, None] * (H * W)
     groups = h * (int(w.max()) + 1 if B else 1) + w
-    keys = torch.unique(groups).tolist()
+    keys, counts = torch.unique(groups, return_counts=True)
     out = None if len(keys) == 1 else torch.empty((B, C, size, size), dtype=torch.float32, device=dev)
-    for g in keys:
-        idx = torch.nonzero(groups == g).flatten()
-        gh, gw = int(h[idx[0]]), int(w[idx[0]])
+    inside = ((top >= 0) & (left >= 0) & (top + h <= H) & (left + w <= W)).tolist()
+    tl, ll, hl, wl = top.tolist(), left.tolist(), h.tolist(), w.tolist()
+    order = torch.argsort(groups, stable=True)
+    start = 0
+    for count in counts.tolist():
+        idx = order[start:start + count]
+        start += count
+        i0 = int(idx[0])
+        gh, gw = hl[i0], wl[i0]
+        if count == 1 and inside[i0]:  # a crop size of its own (rrc): a slice, no index arithmetic
+            t, l = tl[i0], ll[i0]
+            crop = _resize(images[i0:i0 + 1, :, t:t + gh, l:l + gw].to(torch.float32), size, interpolation)
+            if out is None:
+                out = crop.contiguous()
+            else:
+                out[i0:i0 + 1] = crop
+            continue
         ys = top[idx, None] + torch.arange(gh)  # [G, gh]
         xs = left[idx, None] + torch.arange(gw)  # [G, gw]
         vy, vx = (ys >= 0) & (ys < H), (xs >= 0) & (xs < W)

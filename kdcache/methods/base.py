@@ -56,6 +56,11 @@ class Method(nn.Module):
 
     def forward(self, student: ModelOutputs, teacher: TeacherTargets | None, labels: torch.Tensor,
                 *, epoch: int, step: int, total_epochs: int) -> dict[str, torch.Tensor]:
+        """Named, weighted losses. `labels` are int64 class indices (B,) or float32 soft targets
+        (B, C), already mixed (mixup/cutmix) and smoothed by the trainer; every method accepts both:
+        its cross-entropy terms go through `functional.ce_ls` (soft-target CE, no extra smoothing,
+        for soft targets) and anything that needs one class per sample through
+        `functional.hard_labels` (the argmax)."""
         raise NotImplementedError
 
 

@@ -1,4 +1,9 @@
-"""Plain cross-entropy with label smoothing: the no-teacher baseline (and teacher training)."""
+"""Plain cross-entropy with label smoothing: the no-teacher baseline (and teacher training).
+
+Labels: int64 (B,) class indices, smoothed with `label_smoothing`, or soft (B, C) targets the
+trainer already mixed and smoothed: then soft-target CE without further smoothing (timm's
+`SoftTargetCrossEntropy`, the OFA-KD criterion under mixup; its distillers/_base.py line 42).
+"""
 
 from __future__ import annotations
 

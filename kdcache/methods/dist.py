@@ -12,6 +12,10 @@ vectors, invariant to positive affine maps) between student and teacher predicti
 
 Defaults beta = gamma = T = 1, weights 1 (the paper's ImageNet setting, as in the OFA-KD code).
 With a batch of one the intra term is a constant 1 (a centred single value is zero): no gradient.
+
+Labels: int64 (B,) or soft (B, C) targets; only `CE_ls` reads them (soft-target CE for soft labels,
+as the OFA-KD criterion, distillers/dist.py line 21). Both relation terms, the intra-class one
+included, are label-free (per class across the batch, not per ground-truth class), so no argmax.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ Warm-up: `warm = min((epoch + 1) / warmup_epochs, 1)` with the trainer's 0-based
 mdistiller's `min(epoch / warmup, 1)` with its 1-based epochs: the first epoch already trains with
 1/warmup of the KD part, and epoch index `warmup_epochs - 1` onwards with all of it.
 `warmup_epochs=0` (default) means no warm-up. CE is never scaled.
+
+Labels: int64 (B,) or soft (B, C) targets (mixed and smoothed by the trainer). `CE_ls` takes them
+as they are (soft-target CE for soft labels, the OFA-KD criterion; distillers/dkd.py line 27); the
+target masks of TCKD and NCKD use `hard_labels(labels)`, the argmax, as the OFA-KD code does
+(distillers/dkd.py lines 22-25: `target = label.max(1)[1]` for 2-D labels).
 """
 
 from __future__ import annotations
@@ -27,15 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.methods.base import Method, register_method
-from kdcache.methods.functional import ce_ls
+from kdcache.methods.functional import ce_ls, hard_labels
 from kdcache.targets import Needs
 
 MASK = 1000.0  # subtracted from the scaled target logit before the NCKD softmax
 
 
 def target_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, C) mask, True at each row's target class."""
-    return F.one_hot(labels.long(), logits.shape[1]).bool()
+    """Boolean (B, C) mask, True at each row's target class (the argmax of soft labels)."""
+    return F.one_hot(hard_labels(labels).long(), logits.shape[1]).bool()
 
 
 def binary_log_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,12 @@ Named losses: loss_ce, loss_{ts,tf,fs}_{nce,ofa}. `drop_teacher_fusion=True` rem
   width // `l2g_head_dim` (32), MLP ratio 4). Init: trunc_normal(0.02) Linear, kaiming conv.
 - A ViT tail's class token is not in the stage-3 map: the tail reconstructs it as the mean patch
   token at the tap (see kdcache/models/tails.py).
+
+Labels: int64 (B,) or soft (B, C) targets (mixed and smoothed by the trainer). `loss_ce` is `CE_ls`
+on the labels as given (soft-target CE for soft labels, the criterion of the OFA-KD framework);
+every OFA term's target mask uses their argmax (`ofa_loss` takes `hard_labels`, as OFA-KD's
+distillers/ofa.py lines 116-117). InfoNCE pairs samples by batch position, not by class, so it reads
+no labels.
 """
 
 from __future__ import annotations

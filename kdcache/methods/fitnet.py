@@ -17,6 +17,8 @@ the grid of the cached teacher map, and the hint loss is their mean squared erro
   CE weight 1) on stage 3 only; its default stages 1-4 are the preset `fitnet:ofa`. mdistiller's
   CIFAR setting (hint on stage 2, weight 100; its regressor adds BN + ReLU) is `fitnet:mdistiller`.
 - Optional logit KD (`w_kd > 0`) also reads the teacher's logits.
+- Labels: int64 (B,) or soft (B, C) targets; only `CE_ls` reads them (soft-target CE for soft
+  labels, the OFA-KD criterion, distillers/fitnet.py line 51).
 """
 
 from __future__ import annotations

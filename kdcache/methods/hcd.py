@@ -1,7 +1,8 @@
 """HCD: heterogeneous complementary distillation (arXiv 2511.10942, AAAI 2026).
 
 Per stage i (docs/methods.md, "hcd"): OFA's projector up to the pooled vector h_i (CNN students: the
-SepConv stack, width W = max(D_s, D_t); ViT/MLP/Swin students: the token projector, width D_s);
+SepConv stack, width W = max(D_s, D_t); ViT/MLP/Swin students: the token projector, width D_s, whose
+descriptor is the class token for ViT/DeiT students, as in OFA);
 a Complementary Feature Mapper on [h_i ; f_t] (teacher embedding, a constant) gives u_i (B, k*C),
 reshaped to k sub-logits (B, k, C) and fused with the teacher logits, z_ij = u_ij + z_t. Per stage:
 - CE_i = mean_j CE_ls(z_ij, y);
@@ -21,6 +22,13 @@ k=4, w_gt=1, w_kd=1, w_hcd=6, w_div=1, T=1.
 - stage_reduce="sum": S_i is a sum over the stages; option "mean".
 Named losses: loss_ce, loss_kd, and per stage loss_ce_stage{i}, loss_hcd_stage{i}, loss_div_stage{i}
 (each already weighted and, with stage_reduce=mean, divided by the number of stages).
+
+Labels: int64 (B,) or soft (B, C) targets (mixed and smoothed by the trainer). Both CE terms, the
+student's and every sub-logit's CE_i, use `CE_ls` as given (soft-target CE for soft labels, each
+sub-logit against its sample's soft target): they are the criterion the OFA-KD framework HCD
+reports against applies to every logit it supervises. [decide] The orthogonality loss zeroes one
+ground-truth column per sample, `hard_labels(labels)` (the argmax), as OFA-KD takes the argmax for
+its target mask (Hao840/OFAKD distillers/ofa.py lines 116-117); HCD's code was not available.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from torch import nn
 
 from kdcache.errors import KDCacheError
 from kdcache.methods.base import Method, register_method
-from kdcache.methods.functional import ce_ls, kl_div
-from kdcache.methods.projectors import build_stage_projectors, check_pair, check_stages, init_projector_weights
+from kdcache.methods.functional import ce_ls, hard_labels, kl_div
+from kdcache.methods.projectors import (build_stage_projectors, check_pair, check_stages, init_projector_weights,
+                                        stage_prefix)
 from kdcache.targets import Needs
 
 STAGE_REDUCES = ("sum", "mean")
@@ -47,9 +56,9 @@ def fuse_sub_logits(u: torch.Tensor, teacher_logits: torch.Tensor, k: int) -> to
 
 
 def sub_logit_ce(fused: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
-    """CE_i = mean over the k sub-logits of CE_ls(z_ij, y)."""
+    """CE_i = mean over the k sub-logits of CE_ls(z_ij, y); y class indices (B,) or soft targets (B, C)."""
     B, k, C = fused.shape
-    return ce_ls(fused.reshape(B * k, C), labels.repeat_interleave(k), smoothing)
+    return ce_ls(fused.reshape(B * k, C), labels.repeat_interleave(k, dim=0), smoothing)
 
 
 def sub_logit_kl(fused: torch.Tensor, student_logits: torch.Tensor, T: float = 1.0,
@@ -63,9 +72,9 @@ def sub_logit_kl(fused: torch.Tensor, student_logits: torch.Tensor, T: float = 1
 
 def orthogonality_loss(fused: torch.Tensor, labels: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
     """OL_i: GT column zeroed, rows L2-normalised, mean over samples and the k(k-1) off-diagonal
-    pairs of ReLU(cos - margin)^2."""
+    pairs of ReLU(cos - margin)^2. The ground truth of soft labels is their argmax."""
     B, k, C = fused.shape
-    keep = 1.0 - F.one_hot(labels, C).to(fused.dtype)[:, None, :]
+    keep = 1.0 - F.one_hot(hard_labels(labels), C).to(fused.dtype)[:, None, :]
     v = F.normalize(fused * keep, dim=-1)
     cos = v @ v.transpose(1, 2)  # (B, k, k)
     off = ~torch.eye(k, dtype=torch.bool, device=fused.device)
@@ -128,9 +137,9 @@ class HCD(Method):
             for key, p in self.projectors.items()})
 
     def fused_sub_logits(self, stage: int, feature: torch.Tensor, f_t: torch.Tensor,
-                         z_t: torch.Tensor) -> torch.Tensor:
-        """(B, k, C) fused sub-logits z_ij of one stage."""
-        h = self.projectors[str(stage)](feature)
+                         z_t: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k, C) fused sub-logits z_ij of one stage; `prefix` the stage's class token(s), if any."""
+        h = self.projectors[str(stage)](feature, prefix)
         return fuse_sub_logits(self.mappers[str(stage)](h, f_t), z_t, self.opts.k)
 
     def forward(self, student, teacher, labels, *, epoch, step, total_epochs):
@@ -145,7 +154,7 @@ class HCD(Method):
         losses = {"loss_ce": o.w_gt * ce_ls(student.logits, labels, o.label_smoothing),
                   "loss_kd": o.w_kd * o.T**2 * kl_div(z_t, student.logits, o.T)}
         for s in o.stages:
-            fused = self.fused_sub_logits(s, student.stages[s - 1], f_t, z_t)
+            fused = self.fused_sub_logits(s, student.stages[s - 1], f_t, z_t, stage_prefix(student, s))
             losses[f"loss_ce_stage{s}"] = r * o.w_gt * sub_logit_ce(fused, labels, o.label_smoothing)
             losses[f"loss_hcd_stage{s}"] = r * o.w_hcd * sub_logit_kl(fused, student.logits, o.T, o.detach_target)
             losses[f"loss_div_stage{s}"] = r * o.w_div * orthogonality_loss(fused, labels, o.margin)

@@ -2,6 +2,9 @@
 
 `w_gt * CE_ls(z_s, y) + w_kd * T^2 * KL(p_t || p_s)`. Defaults follow the OFA-KD code (T=1,
 weights 1); the mdistiller CIFAR setting (T=4, CE 0.1, KD 0.9) is the preset `kd:mdistiller`.
+
+Labels: int64 (B,) or soft (B, C) targets; only `CE_ls` reads them (soft-target CE for soft labels,
+the OFA-KD criterion, distillers/kd.py line 23).
 """
 
 from __future__ import annotations

@@ -17,6 +17,16 @@ Two parts (docs/methods.md, "mldr"):
 
 Total: `w_gt*CE_ls(z_s, y) + w_logit*DFRA(z_s) + w_stage*sum_i DFRA(z_i) + w_fused*DFRA(z_fused)`,
 all weights 1, alpha 2, T 1. Named losses: loss_ce, loss_dfra, loss_dfra_stage{i}, loss_dfra_fused.
+
+As the authors' code (Ethan-Yang02/MLDR-KD, per shared/docs/methods.md; the repository itself was
+not readable here): the CNN projector's stage-4 1x1 conv has no bias (`stage4_bias=False` of the
+shared projector, OFA's has one), and its optimiser decays every parameter (the training preset
+`mldr_cifar_cnn` sets `decay_all=True`). ViT/DeiT students: the class token goes through the
+projector's blocks and is the descriptor, as in OFA (methods/projectors.py).
+
+Labels: int64 (B,) or soft (B, C) targets (mixed and smoothed by the trainer). Only the student's
+`CE_ls` reads them (soft-target CE for soft labels, the criterion of the OFA-KD framework MLDR-KD is
+built on); DFRA and the fusion are label-free, so no argmax is needed.
 """
 
 from __future__ import annotations
@@ -102,7 +112,7 @@ class MLDR(Method):
             raise KDCacheError(f"mldr gate_hidden={opts.gate_hidden} is negative",
                                expected="0 (4 * classes) or a positive width", fix="--method-opt gate_hidden=0")
         C = student.num_classes
-        self.projectors = build_stage_projectors(student, teacher, opts.stages)
+        self.projectors = build_stage_projectors(student, teacher, opts.stages, stage4_bias=False)
         width = {p.out_dim for p in self.projectors.values()}
         if len(width) != 1:  # cannot happen with the shared builders; guards the shared gate
             raise KDCacheError(f"mldr stage descriptors differ in width {sorted(width)}")
@@ -113,9 +123,12 @@ class MLDR(Method):
         init_projector_weights(self.heads)
         init_projector_weights(self.gate)
 
-    def branches(self, stages: list[torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Stage logits {i: z_i}, the fused logits and the fusion weights (B, S, C)."""
-        desc = {s: self.projectors[str(s)](stages[s - 1]) for s in self.opts.stages}
+    def branches(self, stages: list[torch.Tensor], prefix: list[torch.Tensor] | None = None
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Stage logits {i: z_i}, the fused logits and the fusion weights (B, S, C); `prefix` the
+        student's per-stage prefix (class) tokens, if it has any."""
+        desc = {s: self.projectors[str(s)](stages[s - 1], None if prefix is None else prefix[s - 1])
+                for s in self.opts.stages}
         z = {s: self.heads[str(s)](d) for s, d in desc.items()}
         gates = torch.stack([self.gate(desc[s]) for s in self.opts.stages], 1)
         fused, w = fuse_stage_logits(torch.stack([z[s] for s in self.opts.stages], 1), gates)
@@ -126,7 +139,7 @@ class MLDR(Method):
         if student.stages is None:
             raise KDCacheError("mldr got no student stage maps", fix="run the student with stages=True")
         z_t = teacher.logits.detach()
-        z, fused, _ = self.branches(student.stages)
+        z, fused, _ = self.branches(student.stages, student.prefix)
         losses = {"loss_ce": o.w_gt * ce_ls(student.logits, labels, o.label_smoothing),
                   "loss_dfra": o.w_logit * dfra_loss(student.logits, z_t, o.T, o.alpha)}
         for s, z_i in z.items():

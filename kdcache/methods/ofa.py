@@ -11,6 +11,16 @@ training.
 Options: `eps` is the last (logit) branch's eps; `stage_eps` gives one eps per entry of `stages`
 (empty: every stage uses `eps`). Presets: `cifar` (eps 1, weights 1: Swin-T -> ResNet18 on CIFAR),
 `authors_cifar` (w_ofa 0.1, the authors' own CIFAR runs), `imagenet` (eps 1.5).
+
+Labels: int64 (B,) or soft (B, C) targets (mixed and smoothed by the trainer). As the authors' code
+(Hao840/OFAKD distillers/ofa.py): `loss_ce` is the criterion on the labels as given (line 132;
+soft-target CE for soft labels, `ce_ls`), and the target mask m of every OFA term is
+`onehot(label.argmax(-1))` for soft labels (lines 116-119; `ofa_loss` takes `hard_labels`).
+
+ViT/DeiT students (prefix tokens): the class token tapped with each stage (`ModelOutputs.prefix`)
+skips the patch merging, goes through the projector's transformer blocks with the merged patch
+tokens, and is the stage descriptor (distillers/ofa.py lines 91-103, `TokenFnContext` and
+`TokenFilter(remove_mode=False)`); students without prefix tokens use the token mean.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from torch import nn
 from kdcache.errors import KDCacheError
 from kdcache.methods.base import Method, register_method
 from kdcache.methods.functional import ce_ls, ofa_loss
-from kdcache.methods.projectors import build_stage_projectors, check_pair, check_stages, init_projector_weights
+from kdcache.methods.projectors import (build_stage_projectors, check_pair, check_stages, init_projector_weights,
+                                        stage_prefix)
 from kdcache.targets import Needs
 
 
@@ -63,9 +74,9 @@ class OFA(Method):
         o = self.opts
         return dict(zip(o.stages, o.stage_eps or [o.eps] * len(o.stages)))
 
-    def stage_logits(self, stage: int, feature: torch.Tensor) -> torch.Tensor:
-        """The stage-`stage` branch's logits P_i(F_s^i)."""
-        return self.heads[str(stage)](self.projectors[str(stage)](feature))
+    def stage_logits(self, stage: int, feature: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """The stage-`stage` branch's logits H_i(P_i(F_s^i)); `prefix` the stage's class token(s), if any."""
+        return self.heads[str(stage)](self.projectors[str(stage)](feature, prefix))
 
     def forward(self, student, teacher, labels, *, epoch, step, total_epochs):
         o = self.opts
@@ -75,6 +86,6 @@ class OFA(Method):
         losses = {"loss_ce": o.w_gt * ce_ls(student.logits, labels, o.label_smoothing),
                   "loss_kd": o.w_kd * ofa_loss(student.logits, z_t, labels, o.eps, o.T)}
         for s, e in self.stage_eps().items():
-            z_i = self.stage_logits(s, student.stages[s - 1])
+            z_i = self.stage_logits(s, student.stages[s - 1], stage_prefix(student, s))
             losses[f"loss_ofa_stage{s}"] = o.w_ofa * ofa_loss(z_i, z_t, labels, e, o.T)
         return losses

@@ -1,25 +1,33 @@
 """OFA-KD's stage projectors, shared by ofa, mldr and hcd (docs/methods.md, "Stage projectors"), and the checks
 those methods share on their options and on the (student, teacher) pair (`check_stages`, `check_pair`).
 
-A projector maps one student stage map (NCHW, as `ModelOutputs.stages` gives for every family) to a
-pooled descriptor (B, out_dim). Each method adds what it needs on top: OFA and MLDR a
+A projector maps one student stage map (NCHW, as `ModelOutputs.stages` gives for every family), and
+for ViT/DeiT students that stage's prefix (class) tokens (`ModelOutputs.prefix`), to a pooled
+descriptor (B, out_dim): `projector(feature, prefix)`. Each method adds what it needs on top: OFA and MLDR a
 `Linear(out_dim, C)` stage head, HCD its feature mapper. Every size comes from the measured shapes
 (`ModelInfo.stage_shapes`, `ModelInfo.embed_dim`, `TeacherInfo`), never from a table.
 
 - CNN student (family "cnn"), `W = max(D_s, D_t)`: stage i < 4 gets (4 - i) SepConv blocks
   [dw3x3 s2, 1x1, BN, ReLU, dw3x3 s1, 1x1, BN, ReLU], channels doubling, the last block -> W;
-  stage 4 a 1x1 conv -> W; then global average pooling. out_dim = W.
+  stage 4 a 1x1 conv -> W (with a bias as OFA's, distillers/ofa.py line 58; `stage4_bias=False`
+  for MLDR-KD's, which has none); then global average pooling. out_dim = W.
 - Token student (families "vit", "mlp", "swin"): Swin-style patch merging (2x2 neighbours
-  concatenated, LayerNorm, Linear without bias; GELU between merges, none after the last) down to the
-  stage-4 grid, the first merge projecting to D_s; then max(4 - i, 1) timm transformer blocks
-  (dim D_s, 4 heads); then the mean over tokens. out_dim = D_s.
+  concatenated, LayerNorm, Linear without bias) down to the stage-4 grid, the first merge projecting
+  to D_s and followed by a GELU also when it is the only merge, later merges followed by a GELU
+  except the last (Hao840/OFAKD distillers/ofa.py lines 74-86: `act_layer=nn.GELU` for i == 0,
+  `nn.GELU if i != merge_num - 1 else nn.Identity` after); then max(4 - i, 1) timm transformer
+  blocks (dim D_s, 4 heads). Descriptor: with prefix tokens (ViT/DeiT: `ModelInfo.prefix_tokens`
+  > 0) the stage's prefix tokens skip the merging, are put in front of the merged patch tokens,
+  go through the blocks with them, and the first (class) token is the descriptor (OFAKD
+  distillers/ofa.py lines 91-103 with distillers/utils.py `TokenFnContext`, `TokenFilter`);
+  without, the mean over tokens. out_dim = D_s.
   The stage-4 grid (OFA: 7x7 at 224) is read from measured shapes: the teacher's stage-4 grid when
   the teacher is hierarchical (cnn/swin), else the student's own when it is (swin), else
   input_size // 32 (at least 1); rescaled by the input-size ratio when teacher and student differ.
   Merges halve the grid (odd sides padded, as in Swin) while the result stays at least the target;
   if no merge is needed (CPU sizes: the grid is already small) a Linear(C_i -> D_s) takes the first
-  merge's projection role (Identity when C_i == D_s). Token models' stage maps carry no class token
-  (the registry strips prefix tokens), so the descriptor is always the token mean.
+  merge's projection role (Identity when C_i == D_s); prefix tokens, which OFA passes on unchanged,
+  get their own Linear(C_i -> D_s) only when C_i != D_s (never for ViT/DeiT, whose widths agree).
 - Init (OFA): trunc_normal(std 0.02) for Linear weights with zero bias, kaiming_normal (fan_out, relu)
   for conv, BN weight 1 / bias 0.
 """
@@ -31,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.models import ModelInfo
+from kdcache.models import ModelInfo, ModelOutputs
 
 TOKEN_FAMILIES = ("vit", "mlp", "swin")
 HIERARCHICAL_FAMILIES = ("cnn", "swin")
@@ -86,14 +94,21 @@ class SepConv(nn.Sequential):
         )
 
 
+def stage_prefix(student: ModelOutputs, stage: int) -> torch.Tensor | None:
+    """The prefix (class) tokens (B, P, C_i) tapped with stage `stage` (1..4), None when the student
+    has none (CNN, Swin, MLP families)."""
+    prefix = getattr(student, "prefix", None)
+    return None if prefix is None else prefix[stage - 1]
+
+
 class CNNStageProjector(nn.Module):
     """Stage-i map (B, C_i, H, W) -> pooled descriptor (B, width)."""
 
-    def __init__(self, stage: int, in_channels: int, width: int):
+    def __init__(self, stage: int, in_channels: int, width: int, stage4_bias: bool = True):
         super().__init__()
         self.stage, self.out_dim = stage, width
         if stage == 4:
-            self.body = nn.Sequential(nn.Conv2d(in_channels, width, 1))
+            self.body = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=stage4_bias))
         else:
             blocks, c = [], in_channels
             n = 4 - stage
@@ -104,7 +119,9 @@ class CNNStageProjector(nn.Module):
             self.body = nn.Sequential(*blocks)
         init_projector_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        if prefix is not None:
+            raise KDCacheError("a CNN stage projector got prefix tokens", expected="prefix=None for CNN students")
         return self.body(x).mean(dim=(2, 3))
 
 
@@ -140,29 +157,40 @@ def _heads(dim: int, wanted: int = 4) -> int:
 
 
 class TokenStageProjector(nn.Module):
-    """Stage-i grid (B, C_i, H, W) -> patch merging -> transformer blocks -> token mean (B, width)."""
+    """Stage-i grid (B, C_i, H, W) [+ prefix tokens (B, P, C_i)] -> patch merging -> transformer
+    blocks -> class token, or token mean without prefix tokens (B, width)."""
 
     def __init__(self, stage: int, in_channels: int, grid: tuple[int, int], width: int,
-                 target_grid: tuple[int, int], num_heads: int = 4):
+                 target_grid: tuple[int, int], num_heads: int = 4, prefix_tokens: int = 0):
         super().__init__()
         from timm.models.vision_transformer import Block
 
-        self.stage, self.out_dim = stage, width
+        self.stage, self.out_dim, self.prefix_tokens = stage, width, prefix_tokens
         n = merge_count(grid, target_grid)
         if n == 0:
             self.merge = nn.Sequential(nn.Linear(in_channels, width) if in_channels != width else nn.Identity())
-        else:
-            self.merge = nn.Sequential(*[PatchMerging(in_channels if j == 0 else width, width, act=j < n - 1)
+        else:  # GELU after the first merge (even the only one) and after every other merge but the last
+            self.merge = nn.Sequential(*[PatchMerging(in_channels if j == 0 else width, width,
+                                                      act=j == 0 or j < n - 1)
                                          for j in range(n)])
+        self.prefix_proj = nn.Linear(in_channels, width) if prefix_tokens and in_channels != width else nn.Identity()
         self.num_merges = n
         self.blocks = nn.Sequential(*[Block(dim=width, num_heads=_heads(width, num_heads))
                                       for _ in range(max(4 - stage, 1))])
         init_projector_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.merge(x.permute(0, 2, 3, 1))  # NCHW -> NHWC
-        x = self.blocks(x.flatten(1, 2))  # (B, tokens, width)
-        return x.mean(dim=1)
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        got = 0 if prefix is None else prefix.shape[1]
+        if got != self.prefix_tokens:
+            raise KDCacheError(f"stage-{self.stage} token projector was built for {self.prefix_tokens} prefix "
+                               f"token(s) and got {got}",
+                               expected="ModelOutputs.prefix as the student's TapModel gives it (describe() "
+                                        "measures prefix_tokens)")
+        x = self.merge(x.permute(0, 2, 3, 1)).flatten(1, 2)  # NCHW -> NHWC -> (B, patches, width)
+        if prefix is None:
+            return self.blocks(x).mean(dim=1)
+        x = self.blocks(torch.cat([self.prefix_proj(prefix), x], dim=1))
+        return x[:, 0]  # the class token
 
 
 def token_target_grid(student: ModelInfo, teacher) -> tuple[int, int]:
@@ -185,8 +213,9 @@ def cnn_width(student: ModelInfo, teacher) -> int:
     return max(student.embed_dim, teacher.embed_dim if teacher is not None else 0)
 
 
-def build_stage_projector(student: ModelInfo, teacher, stage: int) -> nn.Module:
-    """The projector of student stage `stage` (1..4); it has `out_dim` and returns (B, out_dim)."""
+def build_stage_projector(student: ModelInfo, teacher, stage: int, *, stage4_bias: bool = True) -> nn.Module:
+    """The projector of student stage `stage` (1..4); it has `out_dim` and returns (B, out_dim).
+    `stage4_bias`: whether a CNN student's stage-4 1x1 conv has a bias (OFA: yes; MLDR-KD: no)."""
     if len(student.stage_shapes) < 4:
         raise KDCacheError(f"student {student.alias} has {len(student.stage_shapes)} measured stage shapes",
                            expected="four (C, H, W) stage shapes from `describe`",
@@ -195,13 +224,15 @@ def build_stage_projector(student: ModelInfo, teacher, stage: int) -> nn.Module:
         raise KDCacheError(f"stage {stage} is not a stage number", expected="1, 2, 3 or 4", fix="--method-opt stages=1,2,3,4")
     c, h, w = student.stage_shapes[stage - 1]
     if student.family == "cnn":
-        return CNNStageProjector(stage, c, cnn_width(student, teacher))
+        return CNNStageProjector(stage, c, cnn_width(student, teacher), stage4_bias)
     if student.family in TOKEN_FAMILIES:
-        return TokenStageProjector(stage, c, (h, w), student.embed_dim, token_target_grid(student, teacher))
+        return TokenStageProjector(stage, c, (h, w), student.embed_dim, token_target_grid(student, teacher),
+                                   prefix_tokens=getattr(student, "prefix_tokens", 0))
     raise KDCacheError(f"no stage projector for student family {student.family!r}",
                        expected=f"one of cnn, {', '.join(TOKEN_FAMILIES)}")
 
 
-def build_stage_projectors(student: ModelInfo, teacher, stages) -> nn.ModuleDict:
+def build_stage_projectors(student: ModelInfo, teacher, stages, *, stage4_bias: bool = True) -> nn.ModuleDict:
     """One projector per stage, keyed by the stage number as a string."""
-    return nn.ModuleDict({str(s): build_stage_projector(student, teacher, s) for s in stages})
+    return nn.ModuleDict({str(s): build_stage_projector(student, teacher, s, stage4_bias=stage4_bias)
+                          for s in stages})

@@ -39,9 +39,11 @@ Notes and choices:
 - [decide] A batch of one has no batch statistics (the official BatchNorm1d would raise in
   training): `loss_rsd` is then 0, with no gradient, and the projector is skipped. The trainer keeps
   a last short batch, so this can happen when the training set size is 1 mod the batch size.
-- The official criterion becomes timm's soft-target CE when mixup/cutmix is on (its vit_mlp
-  configs) and BCE in its ImageNet "stronger" config; here `loss_ce` is always CE_ls on hard labels,
-  as in every kdcache method.
+- Labels: int64 (B,) or soft (B, C) targets (mixed and smoothed by the trainer). As the official
+  criterion, which becomes timm's soft-target CE when mixup/cutmix is on (its vit_mlp configs),
+  `loss_ce` is `CE_ls` on the labels as given: label-smoothed CE for class indices, soft-target CE
+  without further smoothing for soft targets. (Its ImageNet "stronger" config's BCE is not
+  offered.) The RSD term is label-free.
 """
 
 from __future__ import annotations

@@ -74,11 +74,17 @@ _add("mobilenetv2_32", "mobilenetv2_100", "cnn", 32, "MobileNetV2 at 32x32 input
 
 @dataclass
 class ModelOutputs:
-    """What every model gives: logits (B, C), embedding (B, D) and optionally four NCHW stages."""
+    """What every model gives: logits (B, C), embedding (B, D) and optionally four NCHW stages.
+
+    `prefix`: with the stages, for models with prefix tokens (ViT/DeiT: the class token), those
+    tokens at each tap, (B, P, C) per stage (the stage maps hold the patch tokens only); None for
+    every other family and without stages. OFA's token projectors keep them (methods/projectors.py).
+    """
 
     logits: torch.Tensor
     embed: torch.Tensor
     stages: list[torch.Tensor] | None = None
+    prefix: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class ModelInfo:
     num_classes: int
     embed_dim: int
     stage_shapes: tuple[tuple[int, int, int], ...]  # (C, H, W) per stage
+    prefix_tokens: int = 0  # prefix (class) tokens at each tap: 1 for ViT/DeiT, 0 otherwise
 
 
 class TapModel(nn.Module):
@@ -103,9 +110,13 @@ class TapModel(nn.Module):
 
     def forward(self, x: torch.Tensor, stages: bool = False) -> ModelOutputs:
         net = self.net
+        prefix = None
         if not stages:
             final = net.forward_features(x)
             maps = None
+        elif self.spec.block_taps is not None and getattr(net, "num_prefix_tokens", 0):
+            final, taps = net.forward_intermediates(x, indices=list(self.spec.block_taps), return_prefix_tokens=True)
+            maps, prefix = [m for m, _ in taps], [p for _, p in taps]
         elif self.spec.block_taps is not None:
             final, maps = net.forward_intermediates(x, indices=list(self.spec.block_taps))
         else:
@@ -115,7 +126,7 @@ class TapModel(nn.Module):
                 maps[-1] = final  # OFA's stage 4 is after conv_head + BN (1280 wide)
         embed = net.forward_head(final, pre_logits=True)
         logits = net.get_classifier()(embed)
-        return ModelOutputs(logits=logits, embed=embed, stages=maps)
+        return ModelOutputs(logits=logits, embed=embed, stages=maps, prefix=prefix)
 
 
 def build_model(alias: str, num_classes: int, *, pretrained: bool = False,
@@ -283,4 +294,5 @@ def describe(model: TapModel, input_size: int | None = None) -> ModelInfo:
         num_classes=out.logits.shape[1],
         embed_dim=out.embed.shape[1],
         stage_shapes=tuple(tuple(s.shape[1:]) for s in out.stages),
+        prefix_tokens=int(out.prefix[0].shape[1]) if out.prefix else 0,
     )

@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from kdcache.errors import KDCacheError
+
+SCHEMA_VERSION = 2
+"""2: `views/params[V, N, P]` holds the recipe's columns (`param_names`: 5 crop/flip columns, or the
+36 of `data/augment.py` for the augmented recipes); schema-1 stores are refused (re-extract)."""
 
 # Every array and file name of the layout above, spelled once.
 LABELS = "samples/label"
@@ -85,7 +89,7 @@ class StoreAttrs:
     recipe_knobs: dict[str, Any]
     view_seed: int
     num_views: int
-    param_names: tuple[str, ...]
+    param_names: tuple[str, ...]  # the columns of views/params, in order (the recipe's `columns`)
     block_n: int  # samples per write block (= chunk length along N of the per-view arrays)
     schema_version: int = SCHEMA_VERSION
     arrays: dict[str, Any] = field(default_factory=dict)  # view array -> its zarr metadata at creation
@@ -119,6 +123,24 @@ class TeacherAttrs:
     autocast: str = "none"
     tail_sha256: str | None = None  # of tail.safetensors as extract wrote it; checked before every load
     arrays: dict[str, Any] = field(default_factory=dict)  # target array -> its zarr metadata at creation
+
+
+def check_schema_version(block: dict[str, Any], path: str | Path) -> None:
+    """Refuse a store written with another layout, naming the command that rebuilds it."""
+    have, fp = block.get("schema_version", 1), block.get("fingerprint") or {}
+    if have != SCHEMA_VERSION:
+        path = Path(path)
+        sub = f" --subset {fp['n']}" if "-n" in path.name else ""
+        folder = path / TEACHERS
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        teacher = names[0] if len(names) == 1 else "TEACHER" + (f" (each of {', '.join(names)})" if names else "")
+        raise KDCacheError(
+            f"store {path} has schema {have}, this kdcache reads schema {SCHEMA_VERSION} "
+            f"(its view params carry every column of the recipe)",
+            fix=f"delete {path} and re-extract: kdcache extract --teacher {teacher} --dataset "
+                f"{fp.get('name', 'DATASET')}{sub} --recipe {block.get('recipe', 'RECIPE')} --views "
+                f"{block.get('num_views', 'V')} --view-seed {block.get('view_seed', block.get('global_seed', 0))} "
+                f"--store-root {path.parent.parent}")
 
 
 def jsonable(v: Any) -> Any:
