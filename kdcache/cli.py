@@ -62,7 +62,8 @@ def extract(
     pretrained: bool = typer.Option(False, help="use timm hub weights"),
     checkpoint_dir: str = typer.Option("checkpoints", help="where `kdcache teacher` saved checkpoints"),
     recipe: Optional[str] = typer.Option(None, help="view recipe: cifar (all 162 pad-crop/flip views), padcrop (the "
-                                         "same, one sampled view per epoch), rrc (RandomResizedCrop + flip), eval; "
+                                         "same, one sampled view per epoch), rrc (RandomResizedCrop + flip), ofa_cnn (rrc + random "
+                                         "interpolation), ofa_vit (+ RandAugment, erasing, mixup/cutmix), eval; "
                                          "default: the dataset's (padcrop for fashion-mnist, rrc for cifar100)"),
     views: Optional[int] = typer.Option(None, help="number of views (default: all of an enumerating recipe, else "
                                         "one per epoch of the dataset's default training preset)"),
