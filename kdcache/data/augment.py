@@ -338,41 +338,16 @@ def neutral_params(n: int | tuple[int, ...], base: np.ndarray | None = None) -> 
     return out
 
 
-def draw_params(seeds, config: AugmentConfig, *, base=None, sample_index=None,
-                num_samples: int | None = None) -> np.ndarray:
-    """float32 [..., N, len(COLUMNS)]: the augmentation of each (sample, view) seed.
-
-    seeds: uint64 [..., N], samples on the last axis (e.g. a view table's [V, N]); base: the crop
-    recipe's float32 [..., N, 5] (default: whole image, no flip); sample_index: int [N], each
-    sample's position in the dataset (default 0..N-1) and num_samples the dataset's size (default N),
-    for the mixing partner, drawn uniformly among the other samples.
-
-    Counters per group sub-seed: interp 0; RandAugment layer k at 8k + (0 op, 1 on, 2-3 magnitude,
-    4 sign, 5 interp); jitter 0-3 factors, 4 order, 5 apply; erase 0 apply, attempt j at 1+4j ..
-    4+4j (area, log-aspect, top, left), 1+4*attempts noise; mix 0 apply, 1 cutmix-or-mixup, 2-3 box
-    centre, 4 partner, the mixup Beta on sub-seed g and the cutmix Beta on sub-seed mix(g, 3) (each
-    from the gamma streams of its sub-seeds mix(., 1) and mix(., 2))."""
-    seeds = np.asarray(seeds, dtype=np.uint64)
-    if seeds.ndim == 0:
-        seeds = seeds.reshape(1)
-    n = seeds.shape[-1]
-    idx = np.arange(n, dtype=np.int64) if sample_index is None else np.asarray(sample_index, np.int64).reshape(-1)
-    total = n if num_samples is None else int(num_samples)
-    if len(idx) != n or (n and (idx.min() < 0 or idx.max() >= total)):
-        raise KDCacheError(f"draw_params: sample_index must hold {n} positions in [0, {total})")
-    if total > MAX_PARTNERS:
-        raise KDCacheError(f"draw_params: {total} samples, but partner indices are stored exactly only "
-                           f"below {MAX_PARTNERS}", fix="store the mixing partner in its own integer column")
-    out = neutral_params(seeds.shape, base)
-    out[..., COL["mx_partner"]] = np.broadcast_to(idx, seeds.shape)
-
-    # base interpolation
+def _draw_interpolation(out: np.ndarray, seeds: np.ndarray, config: AugmentConfig) -> None:
+    """Base interpolation: fills its columns of `out` in place."""
     if config.interpolation == "random":
         out[..., COL["interp"]] = uniform(_group(seeds, _G_INTERP), 0) >= 0.5
     else:
         out[..., COL["interp"]] = INTERPOLATIONS.index(config.interpolation)
 
-    # RandAugment (two layers chosen with replacement, each applied with prob p)
+
+def _draw_rand_augment(out: np.ndarray, seeds: np.ndarray, config: AugmentConfig) -> None:
+    """RandAugment (two layers chosen with replacement, each applied with prob p): fills its columns of `out` in place."""
     ra = config.rand_augment_spec()
     if ra is not None:
         g = _group(seeds, _G_RA)
@@ -391,7 +366,9 @@ def draw_params(seeds, config: AugmentConfig, *, base=None, sample_index=None,
             else:
                 out[..., COL[f"ra{k}_interp"]] = INTERPOLATIONS.index(config.interpolation)
 
-    # colour jitter (torchvision ColorJitter: factors uniform in [max(0, 1 - s), 1 + s], random order)
+
+def _draw_jitter(out: np.ndarray, seeds: np.ndarray, config: AugmentConfig) -> None:
+    """Colour jitter (torchvision ColorJitter: factors uniform in [max(0, 1 - s), 1 + s], random order): fills its columns of `out` in place."""
     cj = config.jitter()
     if any(cj):
         g = _group(seeds, _G_CJ)
@@ -404,7 +381,9 @@ def draw_params(seeds, config: AugmentConfig, *, base=None, sample_index=None,
             out[..., COL["cj_hue"]] = np.where(on, cj[3] * (2.0 * uniform(g, 3) - 1.0), 0.0)
         out[..., COL["cj_order"]] = np.minimum((uniform(g, 4) * len(CJ_ORDERS)).astype(np.int64), len(CJ_ORDERS) - 1)
 
-    # random erasing (timm RandomErasing, one box, in coordinates of the square rendered view)
+
+def _draw_erase(out: np.ndarray, seeds: np.ndarray, config: AugmentConfig) -> None:
+    """Random erasing (timm RandomErasing, one box, in coordinates of the square rendered view): fills its columns of `out` in place."""
     out[..., COL["er_grid"]] = int(config.re_grid)
     if config.re_prob > 0:
         g = _group(seeds, _G_ERASE)
@@ -433,7 +412,9 @@ def draw_params(seeds, config: AugmentConfig, *, base=None, sample_index=None,
         noise = (uniform(g, 1 + 4 * int(config.re_attempts)) * (1 << NOISE_BITS)).astype(np.int64)
         out[..., COL["er_noise"]] = np.where(on, noise, 0)
 
-    # mixup / cutmix (timm Mixup per element; the partner is fixed per (sample, view))
+
+def _draw_mix(out: np.ndarray, seeds: np.ndarray, config: AugmentConfig, idx: np.ndarray, total: int) -> None:
+    """Mixup / cutmix (timm Mixup per element; the partner is fixed per (sample, view)): fills its columns of `out` in place."""
     if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
         g = _group(seeds, _G_MIX)
         on = uniform(g, 0) < config.mix_prob
@@ -462,6 +443,41 @@ def draw_params(seeds, config: AugmentConfig, *, base=None, sample_index=None,
             j = np.minimum((uniform(g, 4) * (total - 1)).astype(np.int64), total - 2)
             j = j + (j >= idx)
             out[..., COL["mx_partner"]] = np.where(on, j, idx)
+
+
+def draw_params(seeds, config: AugmentConfig, *, base=None, sample_index=None,
+                num_samples: int | None = None) -> np.ndarray:
+    """float32 [..., N, len(COLUMNS)]: the augmentation of each (sample, view) seed.
+
+    seeds: uint64 [..., N], samples on the last axis (e.g. a view table's [V, N]); base: the crop
+    recipe's float32 [..., N, 5] (default: whole image, no flip); sample_index: int [N], each
+    sample's position in the dataset (default 0..N-1) and num_samples the dataset's size (default N),
+    for the mixing partner, drawn uniformly among the other samples.
+
+    Counters per group sub-seed: interp 0; RandAugment layer k at 8k + (0 op, 1 on, 2-3 magnitude,
+    4 sign, 5 interp); jitter 0-3 factors, 4 order, 5 apply; erase 0 apply, attempt j at 1+4j ..
+    4+4j (area, log-aspect, top, left), 1+4*attempts noise; mix 0 apply, 1 cutmix-or-mixup, 2-3 box
+    centre, 4 partner, the mixup Beta on sub-seed g and the cutmix Beta on sub-seed mix(g, 3) (each
+    from the gamma streams of its sub-seeds mix(., 1) and mix(., 2))."""
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    if seeds.ndim == 0:
+        seeds = seeds.reshape(1)
+    n = seeds.shape[-1]
+    idx = np.arange(n, dtype=np.int64) if sample_index is None else np.asarray(sample_index, np.int64).reshape(-1)
+    total = n if num_samples is None else int(num_samples)
+    if len(idx) != n or (n and (idx.min() < 0 or idx.max() >= total)):
+        raise KDCacheError(f"draw_params: sample_index must hold {n} positions in [0, {total})")
+    if total > MAX_PARTNERS:
+        raise KDCacheError(f"draw_params: {total} samples, but partner indices are stored exactly only "
+                           f"below {MAX_PARTNERS}", fix="store the mixing partner in its own integer column")
+    out = neutral_params(seeds.shape, base)
+    out[..., COL["mx_partner"]] = np.broadcast_to(idx, seeds.shape)
+
+    _draw_interpolation(out, seeds, config)
+    _draw_rand_augment(out, seeds, config)
+    _draw_jitter(out, seeds, config)
+    _draw_erase(out, seeds, config)
+    _draw_mix(out, seeds, config, idx, total)
     return out
 
 
