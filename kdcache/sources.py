@@ -74,8 +74,11 @@ class NoTargets:
     def __init__(self, n: int):
         self.n = n
 
-    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+    def plain_order(self, shuffle: torch.Generator) -> np.ndarray:
         return torch.randperm(self.n, generator=shuffle).numpy()
+
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+        return self.plain_order(shuffle)
 
     def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> None:
         return None
@@ -95,19 +98,20 @@ class CachedTargets(NoTargets):
         self.streamed = tuple(k for k in needs.stages if stage_array(k) not in self.held_names)
         self.held: dict[str, np.ndarray] = {}
         self.stream: WindowedStageReader | None = None
+        # samples per chunk of the streamed maps: the unit of the quasi-random order
+        self.chunk = cache.group[stage_array(self.streamed[0])].chunks[1] if self.streamed else None
 
     def epoch_order(self, shuffle: torch.Generator) -> np.ndarray:
-        if not self.streamed:
-            return torch.randperm(self.n, generator=shuffle).numpy()
-        chunk = self.cache.group[stage_array(self.streamed[0])].chunks[1]
-        return quasi_random_order(self.n, chunk, self.window_chunks, shuffle)
+        if self.chunk is None:
+            return self.plain_order(shuffle)
+        return quasi_random_order(self.n, self.chunk, self.window_chunks, shuffle)
 
     def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
         order = self.epoch_order(shuffle)
         self.held = self.cache.epoch_targets(view_ids, self.held_names)
-        if self.streamed:
-            chunk = self.cache.group[stage_array(self.streamed[0])].chunks[1]
-            self.stream = WindowedStageReader(self.cache, self.streamed, view_ids, order, chunk * self.window_chunks)
+        if self.chunk is not None:
+            self.stream = WindowedStageReader(self.cache, self.streamed, view_ids, order,
+                                              self.chunk * self.window_chunks)
         return order
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
