@@ -69,7 +69,11 @@ def test_all_pipelines_load_and_plan():
     pipe = load_pipeline(PIPELINES / "cifar100.toml")
     assert pipe.pairs[0] == ("swin_t", "resnet18") and len(pipe.pairs) == 7
     assert pipe.methods == ["ce", "kd", "dkd", "dist", "ofa", "mldr", "hcd", "fbt"]
-    assert pipe.views == 300 and pipe.recipe == "rrc" and pipe.device == "cuda"
+    assert pipe.views == 300 and pipe.recipe == "ofa_cnn" and pipe.device == "cuda"
+    # the papers train token students with another recipe: their own store
+    assert pipe.recipe_for("deit_t") == pipe.recipe_for("resmlp_s12") == "ofa_vit"
+    assert pipe.recipe_for("resnet18") == "ofa_cnn"
+    assert pipe.store_root_for("ofa_vit") == pipe.store_root / "ofa_vit"
     assert set(pipe.teachers) == {"swin_t", "vit_s", "mixer_b16", "convnext_t"}
     assert all(t.pretrained and t.finetune for t in pipe.teachers.values())
 
@@ -94,6 +98,10 @@ def test_cifar100_dry_run_plan_without_data_or_gpu(tmp_path, monkeypatch):
     kd = next(t for t in trains if t.method == "kd" and t.teacher == "swin_t" and t.student == "resnet18")
     assert kd.forwards == 300 * 50000 and kd.deps == ["extract:swin_t"]
     ex = tasks["extract:swin_t"]
+    assert ex.config.recipe == "ofa_cnn" and "extract:convnext_t" not in tasks  # convnext_t teaches token students only
+    deit = next(t for t in trains if t.method == "kd" and t.student == "deit_t")
+    assert deit.config.recipe == "ofa_vit" and deit.deps == ["extract:convnext_t@ofa_vit"]
+    assert deit.config.store_root == tasks["extract:convnext_t@ofa_vit"].config.store_root
     assert ex.forwards == -300 * 50000 and ex.deps == ["teacher:swin_t"]
     assert ex.storage == 300 * 50000 * (100 + 768) * 2
     for t in trains:
@@ -105,7 +113,8 @@ def test_cifar100_dry_run_plan_without_data_or_gpu(tmp_path, monkeypatch):
     assert "train resnet18 <- swin_t, kd, seed 0" in text
     if "fbt" in [t.method for t in trains if t.status != "unavailable"]:
         # FBT, ConvNeXt-T teacher -> token students: its stage-3 maps, counted in the storage
-        conv = tasks["extract:convnext_t"]
+        conv = tasks["extract:convnext_t@ofa_vit"]
+        assert conv.config.recipe == "ofa_vit" and conv.config.store_root.endswith("ofa_vit")
         assert 3 in conv.needs.stages
         assert conv.storage == 300 * 50000 * ((100 + 768) + 384 * 14 * 14) * 2
 
@@ -211,6 +220,43 @@ def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path, counters):
     r = make_report(SMOKE, workdir=tmp_path)
     assert (tmp_path / "results" / "smoke" / "report.md").is_file()
     assert "| resnet10t -> resmlp_pico |" in r.markdown and "published" not in r.markdown.split("<details>")[0]
+
+
+def test_family_recipes_get_their_own_store(tmp_path, counters):
+    """[recipes] vit = ...: the token student's runs read a second store of the same teacher, extracted
+    over that recipe's views; the other runs keep [views] recipe's store; a re-run does nothing."""
+    from kdcache.results import read_results
+    from kdcache.store import Store, store_path
+
+    pipe_file = tmp_path / "two-recipes.toml"
+    pipe_file.write_text(SMOKE.read_text().replace("[presets]", '[recipes]\nvit = "rrc"\n\n[presets]'))
+    pipe = load_pipeline(pipe_file, tmp_path)
+    tasks = {t.id: t for t in plan_sweep(pipe, estimate=False)}
+    assert {i for i in tasks if i.startswith("extract")} == {"extract:resnet10t", "extract:resnet10t@rrc"}
+    assert tasks["teacher:resnet10t"].status == "todo"
+    assert tasks["extract:resnet10t"].deps == tasks["extract:resnet10t@rrc"].deps == ["teacher:resnet10t"]
+    s = run_sweep(pipe_file, workdir=tmp_path, progress=False, console=_console())
+    assert s.ok and (counters["teacher"], counters["extract"], counters["train"]) == (1, 2, 4)
+    padcrop = Store.open(store_path(tmp_path / "cache" / "smoke", "synthetic", "train", None))
+    rrc = Store.open(store_path(tmp_path / "cache" / "smoke" / "rrc", "synthetic", "train", None))
+    assert (padcrop.attrs.recipe, rrc.attrs.recipe) == ("padcrop", "rrc")
+    assert padcrop.teacher("resnet10t").done_mask().all() and rrc.teacher("resnet10t").done_mask().all()
+    rows = {(r["student"], r["method"]): r for r in read_results(tmp_path / "results" / "smoke.parquet")}
+    import json
+
+    recipe_of = {k: json.loads(r["train_config"])["recipe"] for k, r in rows.items()}
+    assert recipe_of == {("deit_pico", "kd"): "rrc", ("deit_pico", "ce"): "rrc",
+                         ("resmlp_pico", "kd"): "padcrop", ("resmlp_pico", "ce"): "padcrop"}
+    counters.update(teacher=0, extract=0, train=0)
+    s = run_sweep(pipe_file, workdir=tmp_path, progress=False, console=_console())
+    assert (counters["teacher"], counters["extract"], counters["train"]) == (0, 0, 0)
+    # an unknown recipe or family is named with the pipeline's other problems
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SMOKE.read_text().replace("[presets]", '[recipes]\nvit = "nope"\ncnnn = "rrc"\n\n[presets]'))
+    with pytest.raises(KDCacheError) as err:
+        load_pipeline(bad, tmp_path)
+    assert "[recipes] vit = 'nope': unknown recipe" in err.value.message
+    assert "[recipes] cnnn: not a model family" in err.value.message
 
 
 def test_dask_scheduler_runs_the_plan(tmp_path):

@@ -28,7 +28,7 @@ except ModuleNotFoundError:  # Python 3.10 (requires-python >= 3.10)
     import tomli as tomllib
 
 TOP_KEYS = {"name", "benchmark", "description", "device", "seeds", "methods", "pairs", "max_steps", "dataset",
-            "views", "extract", "paths", "presets", "train", "options", "teachers"}
+            "views", "recipes", "extract", "paths", "presets", "train", "options", "teachers"}
 EXTRACT_KEYS = ("batch_size", "block_n", "stage_grid", "stage_views")
 
 
@@ -51,7 +51,7 @@ class Pipeline:
     download: bool
     num_classes: int | None
     num_samples: int | None
-    recipe: str
+    recipe: str  # the view recipe of every student family not named in `recipes`
     views: int | None
     view_seed: int
     dtype: str
@@ -62,6 +62,7 @@ class Pipeline:
     checkpoint_dir: Path
     report_dir: Path
     presets: dict[str, str]  # student family -> training preset
+    recipes: dict[str, str]  # student family -> its own view recipe (and so its own store), e.g. vit = "ofa_vit"
     train: dict[str, Any]  # TrainConfig overrides for every student run
     train_family: dict[str, dict[str, Any]]  # ... and per student family
     teachers: dict[str, TeacherSpec]
@@ -76,6 +77,21 @@ class Pipeline:
     @property
     def students(self) -> list[str]:
         return list(dict.fromkeys(s for _, s in self.pairs))
+
+    def recipe_for(self, student: str) -> str:
+        """The view recipe a student is trained (and its teacher extracted) with: the papers train CNN
+        and token students with different augmentations (OFA-KD's cnn.yaml vs vit_mlp.yaml)."""
+        return self.recipes.get(MODELS.get(student).family, self.recipe)
+
+    def store_root_for(self, recipe: str) -> Path:
+        """One view table per store, so each recipe has its own store: [views] recipe's under
+        store_root itself, another family recipe's under store_root/<recipe>."""
+        return self.store_root if recipe == self.recipe else self.store_root / recipe
+
+    @property
+    def used_recipes(self) -> list[str]:
+        """The recipes this pipeline's student runs use, [views] recipe first."""
+        return list(dict.fromkeys([self.recipe] + [self.recipe_for(s) for s in self.students]))
 
     @property
     def teacher_results(self) -> Path:
@@ -205,6 +221,7 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
         results=_resolve(base, paths.get("results", f"results/{name}.parquet")), checkpoint_dir=ckpt_dir,
         report_dir=_resolve(base, paths.get("report_dir", f"results/{name}")),
         presets={str(k): str(v) for k, v in table("presets").items()},
+        recipes={str(k): str(v) for k, v in table("recipes").items()},
         train={k: v for k, v in train.items() if not isinstance(v, dict)},
         train_family={k: v for k, v in train.items() if isinstance(v, dict)},
         teachers=teachers, pairs=pairs, pair_methods=pair_methods, methods=methods,
@@ -227,6 +244,12 @@ def validate_names(pipe: Pipeline) -> list[str]:
         problems.append(f"unknown dataset {pipe.dataset!r} (known: {', '.join(DATASETS.names())})")
     if pipe.recipe not in RECIPES:
         problems.append(f"unknown recipe {pipe.recipe!r} (known: {', '.join(RECIPES.names())})")
+    families = sorted({MODELS.get(alias).family for alias in MODELS})
+    for fam, recipe in pipe.recipes.items():
+        if recipe not in RECIPES:
+            problems.append(f"[recipes] {fam} = {recipe!r}: unknown recipe (known: {', '.join(RECIPES.names())})")
+        if fam not in families:
+            problems.append(f"[recipes] {fam}: not a model family (known: {', '.join(families)})")
     for fam, preset in pipe.presets.items():
         if preset not in PRESETS:
             problems.append(f"[presets] {fam} = {preset!r}: unknown preset (known: {', '.join(PRESETS.names())})")

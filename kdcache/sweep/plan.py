@@ -84,10 +84,13 @@ class Task:
 # run identity
 # ---------------------------------------------------------------------------------------------------
 def run_key(dataset: str, subset: int | None, teacher: str | None, student: str, method: str,
-            options: dict[str, Any], seed: int, epochs: int, max_steps: int | None = None) -> str:
+            options: dict[str, Any], seed: int, epochs: int, max_steps: int | None = None,
+            recipe: str | None = None) -> str:
     """The stable identity of a student run, used as its run name (results row + run folder)."""
     ident = {"dataset": dataset, "subset": subset or 0, "teacher": teacher or "", "student": student,
              "method": method, "options": options, "seed": seed, "epochs": epochs}
+    if recipe is not None:
+        ident["recipe"] = recipe
     if max_steps is not None:
         ident["max_steps"] = max_steps
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -126,9 +129,10 @@ def student_config(pipe: Pipeline, student: str, teacher: str | None, method: st
     family = MODELS.get(student).family
     layered = {**pipe.train, **pipe.train_family.get(family, {})}
     preset = layered.pop("preset", None) or pipe.presets.get(family)
+    recipe = pipe.recipe_for(student)
     run = dict(student=student, teacher=teacher, method=method, dataset=pipe.dataset, subset=pipe.subset,
-               opts=_opt_strings(options), seed=seed, view_seed=pipe.view_seed, recipe=pipe.recipe,
-               views=pipe.views, store_root=str(pipe.store_root), out_dir=str(pipe.out_dir),
+               opts=_opt_strings(options), seed=seed, view_seed=pipe.view_seed, recipe=recipe,
+               views=pipe.views, store_root=str(pipe.store_root_for(recipe)), out_dir=str(pipe.out_dir),
                results=str(pipe.results), device=device, data_root=pipe.data_root, download=pipe.download,
                progress=progress, max_steps=pipe.max_steps)
     return TrainConfig.from_preset(preset, **{**layered, **run})
@@ -150,7 +154,7 @@ def teacher_config(pipe: Pipeline, spec: TeacherSpec, progress: bool, device: st
     return TrainConfig.from_preset(preset, **{**ft, **run})
 
 
-def extract_config(pipe: Pipeline, spec: TeacherSpec, methods: tuple[str, ...], needs: Needs,
+def extract_config(pipe: Pipeline, spec: TeacherSpec, recipe: str, methods: tuple[str, ...], needs: Needs,
                    families: set[str], views: int, progress: bool, device: str) -> ExtractConfig:
     """One extraction per teacher serving every pair: the tail comes from the methods' needs for the
     student family passed (one whose needs include the tail, if any does); stage maps needed by
@@ -160,8 +164,8 @@ def extract_config(pipe: Pipeline, spec: TeacherSpec, methods: tuple[str, ...], 
     use_hub = spec.pretrained and spec.finetune is None and not spec.checkpoint.is_file()
     return ExtractConfig(
         teacher=spec.alias, dataset=pipe.dataset, checkpoint=None if use_hub else str(spec.checkpoint),
-        pretrained=use_hub, recipe=pipe.recipe, views=views, view_seed=pipe.view_seed,
-        store_root=str(pipe.store_root), dtype=pipe.dtype, methods=methods, stages=tuple(needs.stages),
+        pretrained=use_hub, recipe=recipe, views=views, view_seed=pipe.view_seed,
+        store_root=str(pipe.store_root_for(recipe)), dtype=pipe.dtype, methods=methods, stages=tuple(needs.stages),
         student_family=(with_tail or sorted(families))[0], subset=pipe.subset, data_root=pipe.data_root,
         download=pipe.download, checkpoint_dir=str(pipe.checkpoint_dir), device=device, progress=progress,
         **pipe.extract)
@@ -170,9 +174,10 @@ def extract_config(pipe: Pipeline, spec: TeacherSpec, methods: tuple[str, ...], 
 # ---------------------------------------------------------------------------------------------------
 # what exists already
 # ---------------------------------------------------------------------------------------------------
-def store_state(pipe: Pipeline) -> Store | None:
-    """The pipeline's store, or None when there is none yet (a broken one is an error)."""
-    path = store_path(pipe.store_root, pipe.dataset, "train", pipe.subset)
+def store_state(pipe: Pipeline, recipe: str | None = None) -> Store | None:
+    """The pipeline's store of `recipe` (default: [views] recipe's), or None when there is none yet
+    (a broken one is an error)."""
+    path = store_path(pipe.store_root_for(recipe or pipe.recipe), pipe.dataset, "train", pipe.subset)
     if not (path / "zarr.json").is_file():
         return None
     return Store.open(path)
@@ -227,7 +232,7 @@ def _train_task(pipe: Pipeline, task: Task, cls: Any, opts: dict[str, Any], why:
     teacher = task.teacher or None
     cfg = student_config(pipe, task.student, teacher, task.method, task.seed, opts, progress, device)
     cfg.run_name = run_key(pipe.dataset, pipe.subset, teacher, task.student, task.method, opts, task.seed,
-                           cfg.epochs, pipe.max_steps)
+                           cfg.epochs, pipe.max_steps, cfg.recipe)
     task.id, task.config, task.note = f"train:{cfg.run_name}", cfg, cfg.run_name
     if cls is None:
         task.status, task.note = "unavailable", why
@@ -241,7 +246,7 @@ def _train_task(pipe: Pipeline, task: Task, cls: Any, opts: dict[str, Any], why:
     if cfg.run_name in done_runs:
         task.status = "done"
     if task.needs.teacher and teacher:
-        task.deps = [f"extract:{teacher}"]
+        task.deps = [extract_id(pipe, teacher, cfg.recipe)]
         if n:
             seen = cfg.epochs * n
             if cfg.max_steps is not None:
@@ -271,12 +276,18 @@ def plan_trains(pipe: Pipeline, only: list[str], n: int | None, progress: bool, 
     return trains
 
 
+def extract_id(pipe: Pipeline, teacher: str, recipe: str) -> str:
+    """`extract:<teacher>`, with `@<recipe>` for a family recipe other than [views] recipe (that
+    teacher's second store)."""
+    return f"extract:{teacher}" + ("" if recipe == pipe.recipe else f"@{recipe}")
+
+
 def _store_notes(store: Store | None, pipe: Pipeline, task: Task, views: int) -> list[str]:
     """What the existing store says about this extraction (a conflict, done, or how far it got)."""
     if store is None:
         return []
     a = store.attrs
-    if (a.recipe, a.num_views, a.view_seed) != (pipe.recipe, views, pipe.view_seed):
+    if (a.recipe, a.num_views, a.view_seed) != (task.config.recipe, views, pipe.view_seed):
         return [f"CONFLICT: the store at {store.path} has recipe {a.recipe}, {a.num_views} views, seed "
                 f"{a.view_seed}: delete it or change store_root"]
     if task.teacher not in store.teacher_names():
@@ -293,18 +304,20 @@ def _store_notes(store: Store | None, pipe: Pipeline, task: Task, views: int) ->
     return [f"resumes: {int(done.sum())}/{done.size} blocks written"]
 
 
-def plan_extract(pipe: Pipeline, spec: TeacherSpec, readers: list[Task], store: Store | None, views: int,
-                 n: int | None, progress: bool, device: str) -> Task:
-    """The one extraction of a teacher, serving `readers` (its student runs that read the cache)."""
+def plan_extract(pipe: Pipeline, spec: TeacherSpec, recipe: str, readers: list[Task], store: Store | None,
+                 views: int, n: int | None, progress: bool, device: str) -> Task:
+    """The one extraction of a teacher over one recipe's views, serving `readers` (its student runs
+    that read that store)."""
     needs = readers[0].needs
     for t in readers[1:]:
         needs = needs.union(t.needs)
     methods = tuple(sorted({t.method for t in readers}))
     families = {MODELS.get(t.student).family for t in readers}
-    cfg = extract_config(pipe, spec, methods, needs, families, views, progress, device)
-    task = Task("extract", f"extract:{spec.alias}", "todo", teacher=spec.alias, config=cfg, needs=needs,
-                forwards=-(views * n) if n else 0)
-    note = [f"methods {','.join(methods)}"]
+    cfg = extract_config(pipe, spec, recipe, methods, needs, families, views, progress, device)
+    task = Task("extract", extract_id(pipe, spec.alias, recipe), "todo", teacher=spec.alias, config=cfg,
+                needs=needs, forwards=-(views * n) if n else 0)
+    note = [f"recipe {recipe}"] if pipe.recipes else []
+    note.append(f"methods {','.join(methods)}")
     if needs.stages:
         note.append(f"stage maps {list(needs.stages)}")
     if needs.tail:
@@ -316,21 +329,22 @@ def plan_extract(pipe: Pipeline, spec: TeacherSpec, readers: list[Task], store: 
     return task
 
 
-def plan_teacher(pipe: Pipeline, spec: TeacherSpec, extract: Task, progress: bool, device: str) -> Task:
-    """The teacher's own training, when it has no weights yet and its extraction is still to do."""
+def plan_teacher(pipe: Pipeline, spec: TeacherSpec, extracts: list[Task], progress: bool, device: str) -> Task:
+    """The teacher's own training, when it has no weights yet and one of its extractions is still to do."""
     task = Task("teacher", f"teacher:{spec.alias}", "done", teacher=spec.alias)
     if spec.checkpoint.is_file():
         task.note = f"checkpoint {spec.checkpoint}"
     elif spec.finetune is None:
         task.note = "hub weights (pretrained), no fine-tuning"
-    elif extract.status == "done":
+    elif all(e.status == "done" for e in extracts):
         task.note = "not needed: its targets are extracted"
     else:
         task.status = "todo"
         task.config = teacher_config(pipe, spec, progress, device)
         init = "hub weights" if spec.pretrained else "scratch"
         task.note = f"train {task.config.epochs} epoch(s) from {init} ({task.config.preset}) -> {spec.checkpoint}"
-        extract.deps = [task.id]
+        for extract in extracts:
+            extract.deps = [task.id]
     return task
 
 
@@ -341,17 +355,22 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
     device = device or pipe.device
     n, _ = dataset_size(pipe)
     trains = plan_trains(pipe, list(only or []), n, progress, device)
-    views = pipe.views
-    if views is None:
-        views = get_recipe(pipe.recipe).views_for_epochs(max([t.config.epochs for t in trains] or [1]))
-    store = store_state(pipe)
+    views = {}  # per recipe (one store each): enough for its longest run
+    for recipe in pipe.used_recipes:
+        epochs = [t.config.epochs for t in trains if t.config.recipe == recipe] or [1]
+        views[recipe] = pipe.views or get_recipe(recipe).views_for_epochs(max(epochs))
     extracts, teachers = [], []
     for alias, spec in pipe.teachers.items():
-        readers = [t for t in trains if t.teacher == alias and t.deps]
-        if not readers:
-            continue  # no selected, available run reads this teacher
-        extracts.append(plan_extract(pipe, spec, readers, store, views, n, progress, device))
-        teachers.append(plan_teacher(pipe, spec, extracts[-1], progress, device))
+        mine = []
+        for recipe in pipe.used_recipes:  # one store per recipe; a teacher is extracted into each it serves
+            readers = [t for t in trains if t.teacher == alias and t.deps and t.config.recipe == recipe]
+            if not readers:
+                continue  # no selected, available run reads this teacher's targets over these views
+            mine.append(plan_extract(pipe, spec, recipe, readers, store_state(pipe, recipe), views[recipe], n,
+                                     progress, device))
+        if mine:
+            extracts += mine
+            teachers.append(plan_teacher(pipe, spec, mine, progress, device))
     tasks = teachers + extracts + trains
     if estimate:
         estimate_storage(pipe, tasks)

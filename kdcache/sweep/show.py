@@ -49,7 +49,17 @@ def _title(pipe: Pipeline) -> str:
     n, c = dataset_size(pipe)
     sub = f" (subset {pipe.subset})" if pipe.subset else ""
     return (f"sweep {pipe.name}: {pipe.dataset}{sub}, N={n if n else '?'}, C={c if c else '?'}, "
-            f"recipe {pipe.recipe}, views {pipe.views or 'auto'}")
+            f"recipe {_recipes(pipe)}, views {pipe.views or 'auto'}")
+
+
+def _recipes(pipe: Pipeline) -> str:
+    """`rrc`, or `ofa_cnn (vit, mlp: ofa_vit)` when families have their own."""
+    others = {}
+    for fam, recipe in pipe.recipes.items():
+        if recipe != pipe.recipe:
+            others.setdefault(recipe, []).append(fam)
+    extra = "; ".join(f"{', '.join(fams)}: {r}" for r, fams in others.items())
+    return pipe.recipe + (f" ({extra})" if extra else "")
 
 
 def print_plan(pipe: Pipeline, tasks: list[Task], console: Console | None = None) -> None:
