@@ -167,6 +167,41 @@ def markdown_table(tab: Table) -> str:
     return "\n".join(lines)
 
 
+def separation(a: Cell, b: Cell) -> str:
+    """How cell `a` stands against cell `b`: "better" / "worse" when their mean ± std intervals do not
+    overlap (|mean_a - mean_b| > std_a + std_b, each over at least 2 seeds), "within spread"
+    otherwise; "" when either is missing or has one seed (one run has no spread to compare with)."""
+    if a.n < 2 or b.n < 2:
+        return ""
+    gap = a.mean - b.mean
+    if abs(gap) <= a.std + b.std:
+        return "within spread"
+    return "better" if gap > 0 else "worse"
+
+
+def separation_table(tab: Table, baselines: tuple[str, ...] = ("ce", "kd")) -> str:
+    """Per pair, each method against the student alone (ce) and plain KD: the mean difference and
+    whether it is beyond the two cells' seed spread (`separation`)."""
+    base = [b for b in baselines if b in tab.methods]
+    head = ["teacher -> student", "method"] + [f"vs {b}" for b in base]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "--:|" * len(base)]
+    for t, s in tab.pairs:
+        if not t:
+            continue
+        for m in tab.methods:
+            c = tab.cell(t, s, m)
+            if m in base or not c.n:
+                continue
+            cols = []
+            for b in base:
+                ref = tab.cell(t, s, b)
+                verdict = separation(c, ref)
+                cols.append(f"{_fmt(c.mean - ref.mean, signed=True)} ({verdict})" if verdict else
+                            _fmt(c.mean - ref.mean, signed=True) if ref.n else "")
+            lines.append("| " + " | ".join([f"{t} -> {s}", m] + cols) + " |")
+    return "\n".join(lines)
+
+
 def runs_table(tab: Table) -> str:
     from kdcache.sweep import run_name_of
 
@@ -392,6 +427,10 @@ def make_report(pipeline: str | Path | None = None, results: str | Path | None =
         twin = other_tables.get((tab.dataset, tab.subset))
         if twin is not None:
             md += ["", f"Top-1 {label[other]}:", "", markdown_table(twin)]
+        if any(tab.cell(t, s, m).n > 1 for t, s in tab.pairs if t for m in tab.methods):
+            md += ["", f"Each method against `ce` and `kd` (top-1 {label[metric]}): the mean difference, marked "
+                   "better/worse only where the two cells' mean ± std intervals do not overlap.", "",
+                   separation_table(tab)]
         md += ["", "<details><summary>runs</summary>", "", runs_table(tab), "", "</details>"]
     md += ["", "![accuracy](accuracy.png)", "", "![curves](curves.png)", ""]
     text = "\n".join(md)

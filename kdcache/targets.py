@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdcache.errors import KDCacheError
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -56,3 +58,28 @@ class TeacherTargets:
     logits: torch.Tensor | None = None
     embed: torch.Tensor | None = None
     stages: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def ensemble_members(teacher: str) -> tuple[str, ...]:
+    """`"swin_t,vit_s"` -> ("swin_t", "vit_s"); a single alias is a one-member ensemble. Empty names
+    and repeated members are refused (a repeat would silently double one teacher's weight)."""
+    members = tuple(m.strip() for m in str(teacher).split(","))
+    if any(not m for m in members) or len(set(members)) != len(members):
+        raise KDCacheError(f"--teacher {teacher!r} is not a list of distinct teachers",
+                           expected="one alias (swin_t) or an ensemble of distinct aliases (swin_t,vit_s)")
+    return members
+
+
+def uses_only_logits(needs: Needs) -> bool:
+    """What an ensemble can serve: logit targets (the members' embeddings and maps have different
+    widths and meanings; averaging them is not a teacher any method was written for)."""
+    return not (needs.embed or needs.stages or needs.tail)
+
+
+def ensemble_logits(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Logits whose softmax is the mean of the members' probabilities: log(mean_i softmax(z_i)),
+    computed as logsumexp_i(log_softmax(z_i)) - log(M) (stable for confident members). With
+    one member it is that member's log-probabilities (softmax unchanged). Methods read them as
+    teacher logits; a temperature T then softens the ensemble's distribution as a whole."""
+    stacked = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in member_logits])
+    return torch.logsumexp(stacked, dim=0) - torch.log(torch.tensor(float(len(member_logits))))

@@ -112,3 +112,25 @@ def test_report_shows_last_and_best_and_warns_on_few_seeds(tmp_path):
     last_at, best_at = md.index("Top-1 at the last epoch:"), md.index("Top-1 at the best epoch")
     assert "70.50 ± 0.71" in md[last_at:best_at] and "73.00 ± 1.41" in md[best_at:]
     assert "Seeds per cell: 2 (fewer than 3" in md
+
+
+def test_separation_marks_only_differences_beyond_the_seed_spread(tmp_path):
+    """better/worse only where mean ± std intervals do not overlap; one seed has no spread."""
+    from kdcache.report import separation
+
+    assert separation(Cell([80.0, 81.0, 82.0]), Cell([75.0, 76.0, 77.0])) == "better"  # 81±1 vs 76±1
+    assert separation(Cell([75.0, 76.0, 77.0]), Cell([80.0, 81.0, 82.0])) == "worse"
+    assert separation(Cell([78.0, 79.0, 80.0]), Cell([77.0, 78.0, 79.0])) == "within spread"  # gap 1 <= 1 + 1
+    assert separation(Cell([78.0, 79.0, 80.0]), Cell([76.5, 77.0, 77.5])) == "better"  # gap 2 > 1 + 0.5
+    assert separation(Cell([80.0]), Cell([75.0, 76.0])) == ""
+    path = tmp_path / "runs.parquet"
+    cells = {("", "ce"): [74.0, 74.5, 75.0], ("swin_t", "kd"): [76.0, 76.5, 77.0],
+             ("swin_t", "ofa"): [76.2, 76.9, 77.6], ("swin_t", "dkd"): [72.0, 72.5, 73.0]}
+    for (teacher, method), values in cells.items():
+        for seed, top1 in enumerate(values):
+            append_result(path, _row(tmp_path / f"{method}{seed}", dataset="fashion-mnist", teacher=teacher,
+                                     method=method, seed=seed, top1=top1))
+    md = make_report(results=path, out=tmp_path / "out").markdown
+    table = md[md.index("Each method against `ce` and `kd`"):]
+    assert "| swin_t -> resnet18 | ofa | +2.40 (better) | +0.40 (within spread) |" in table
+    assert "| swin_t -> resnet18 | dkd | -2.00 (worse) | -4.00 (worse) |" in table

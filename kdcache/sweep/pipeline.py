@@ -20,6 +20,7 @@ from kdcache.errors import KDCacheError
 from kdcache.models import MODELS
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, default_teacher_checkpoint
 from kdcache.presets import PRESETS
+from kdcache.targets import ensemble_members
 from kdcache.train import TrainConfig
 
 try:
@@ -167,9 +168,15 @@ def _parse_pairs(doc: dict[str, Any], teachers: dict[str, TeacherSpec], methods:
         extra = sorted(set(ms) - set(methods))
         if extra:
             problems.append(f"pair {t} -> {s} lists methods {extra} that are not in methods = [...]")
-    for t, _ in pairs:
-        if t not in teachers:
-            problems.append(f"pair teacher {t!r} is not among the [[teachers]] ({', '.join(teachers) or 'none'})")
+    for t, _ in pairs:  # a teacher, or an ensemble "a,b" of them
+        try:
+            members = ensemble_members(t)
+        except KDCacheError as exc:
+            problems.append(f"pair teacher {t!r}: {exc.what}")
+            continue
+        for m in members:
+            if m not in teachers:
+                problems.append(f"pair teacher {m!r} is not among the [[teachers]] ({', '.join(teachers) or 'none'})")
     return pairs, pair_methods
 
 

@@ -37,6 +37,7 @@ from kdcache.models.teacher import teacher_run_name
 from kdcache.results import read_results
 from kdcache.store import Store, store_path
 from kdcache.sweep.pipeline import Pipeline, TeacherSpec
+from kdcache.targets import ensemble_members, uses_only_logits
 from kdcache.train import TrainConfig
 
 # Training-set sizes and class counts known without loading the data (dry-run estimates).
@@ -237,21 +238,30 @@ def _train_task(pipe: Pipeline, task: Task, cls: Any, opts: dict[str, Any], why:
     if cls is None:
         task.status, task.note = "unavailable", why
         return
-    tfam = MODELS.get(teacher).family if teacher else None
+    members = ensemble_members(teacher) if teacher else ()
+    sfam = MODELS.get(task.student).family
     try:
-        task.needs = cls.needs(build_options(cls, dict(opts)), tfam, MODELS.get(task.student).family)
+        each = [cls.needs(build_options(cls, dict(opts)), MODELS.get(m).family if m else None, sfam)
+                for m in members or (None,)]  # from each teacher: FBT's needs depend on the families
+        task.needs = each[0]
+        for needs in each[1:]:
+            task.needs = task.needs.union(needs)
     except KDCacheError as exc:  # the method cannot serve this pair with these options: say why
         task.status, task.note = "unavailable", exc.what
+        return
+    if len(members) > 1 and not uses_only_logits(task.needs):
+        task.status = "unavailable"
+        task.note = f"an ensemble of teachers serves logit targets only; {task.method} reads one teacher's features"
         return
     if cfg.run_name in done_runs:
         task.status = "done"
     if task.needs.teacher and teacher:
-        task.deps = [extract_id(pipe, teacher, cfg.recipe)]
+        task.deps = [extract_id(pipe, m, cfg.recipe) for m in members]
         if n:
             seen = cfg.epochs * n
             if cfg.max_steps is not None:
                 seen = min(seen, cfg.max_steps * cfg.batch_size)
-            task.forwards = seen
+            task.forwards = seen * len(members)
 
 
 def plan_trains(pipe: Pipeline, only: list[str], n: int | None, progress: bool, device: str) -> list[Task]:
@@ -363,7 +373,8 @@ def plan_sweep(pipe: Pipeline, only: Iterable[str] | None = None, *, device: str
     for alias, spec in pipe.teachers.items():
         mine = []
         for recipe in pipe.used_recipes:  # one store per recipe; a teacher is extracted into each it serves
-            readers = [t for t in trains if t.teacher == alias and t.deps and t.config.recipe == recipe]
+            readers = [t for t in trains if t.deps and t.config.recipe == recipe
+                       and alias in ensemble_members(t.teacher)]
             if not readers:
                 continue  # no selected, available run reads this teacher's targets over these views
             mine.append(plan_extract(pipe, spec, recipe, readers, store_state(pipe, recipe), views[recipe], n,
