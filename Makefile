@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 KDCACHE := .venv/bin/kdcache
 STAMP   := .venv/.installed
 
-.PHONY: setup data test test-fast demo smoke bench fashion-all cifar-all imagenet-all clean
+.PHONY: setup data test test-fast demo smoke bench bench-data fashion-all cifar-all imagenet-all clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -33,6 +33,10 @@ smoke: setup data
 
 bench: setup data
 	$(KDCACHE) bench
+
+# the data path of a dataset of files: 70k generated JPEGs (written once to cache/bench-data), 0/1/2 workers
+bench-data: setup data
+	$(KDCACHE) bench-data
 
 fashion-all: setup data
 	$(KDCACHE) sweep pipelines/fashion-mnist.toml && $(KDCACHE) report --pipeline pipelines/fashion-mnist.toml

@@ -19,6 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 DATASET = typer.Option("fashion-mnist", "--dataset", "-d", help="dataset name (kdcache list)")
 STORE_ROOT = typer.Option("cache", "--store-root", help="root folder of the Zarr stores")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N")
+DATA_WORKERS = typer.Option(None, "--data-workers", help="processes decoding and rendering a dataset of files "
+                            "(imagefolder), alive for the whole run; 0: the main process (default: the cores less "
+                            "one, at most 8); the results are the same for every number")
 
 
 def _split_methods(value: str) -> tuple[str, ...]:
@@ -80,6 +83,11 @@ def extract(
     batch_size: int = 256,
     block_n: int = typer.Option(4096, help="samples per write block (new stores only)"),
     blocks: Optional[str] = typer.Option(None, help="only blocks START:STOP (parallel writers)"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (tcp://host:8786): "
+                                            "the blocks become tasks on its workers (one GPU resource each on CUDA)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="start N local Dask worker processes (one per "
+                                          "GPU) and spread the blocks over them"),
+    data_workers: Optional[int] = DATA_WORKERS,
     subset: Optional[int] = None,
     device: str = DEVICE,
     data_root: Optional[str] = None,
@@ -100,8 +108,13 @@ def extract(
                         methods=_split_methods(methods), stages=stage_list, stage_views=stage_views,
                         stage_grid=stage_grid, student_family=student_family, batch_size=batch_size,
                         block_n=block_n, blocks=blocks, device=device, subset=subset, data_root=data_root,
-                        download=download, checkpoint_dir=checkpoint_dir)
-    r = run_extract(cfg)
+                        download=download, checkpoint_dir=checkpoint_dir, data_workers=data_workers)
+    if scheduler is not None or workers is not None:
+        from kdcache.dask_extract import run_extract_dask
+
+        r = run_extract_dask(cfg, scheduler=scheduler, workers=workers)
+    else:
+        r = run_extract(cfg)
     claimed = r.extra.get("checkpoint_acc")
     if r.teacher_acc is not None:
         acc = f", teacher top-1 {r.teacher_acc:.2f}% measured on the test split" + (
@@ -134,7 +147,7 @@ def train(
                                          "(e.g. --method-opt T=4); applied after the method preset"),
     old_opt: List[str] = typer.Option([], "--opt", hidden=True),
     preset: Optional[str] = typer.Option(None, help="training preset (kdcache list); default by the student's "
-                                         "family and the dataset"),
+                                         "family, its input size and the dataset (a 32-px student gets a 32-px one)"),
     epochs: Optional[int] = typer.Option(None, help="default: the preset's"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate; default: the preset's"),
     batch_size: Optional[int] = typer.Option(None, help="default: the preset's"),
@@ -146,6 +159,9 @@ def train(
                                                      "file the store recorded; its sha256 must match)"),
     resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
     tensorboard: bool = typer.Option(False, help="also log each epoch's metrics to <run>/tensorboard"),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="under torchrun on GPUs: BatchNorm statistics over the "
+                                 "global batch (SyncBatchNorm); without it each rank's BatchNorm uses its own"),
+    data_workers: Optional[int] = DATA_WORKERS,
     subset: Optional[int] = None,
     seed: int = typer.Option(0, help="initialisation and shuffle seed (the views' seed is the store's)"),
     store_root: str = STORE_ROOT,
@@ -157,7 +173,11 @@ def train(
     data_root: Optional[str] = None,
     download: bool = False,
 ):
-    """Stage two: train a student from the cache (or --online with the teacher live)."""
+    """Stage two: train a student from the cache (or --online with the teacher live).
+
+    Under torchrun (`torchrun --nproc_per_node N -m kdcache.cli train ...`) it trains with DDP:
+    --batch-size is the global batch, split over the ranks."""
+    from kdcache.distributed import quiet_unless_main
     from kdcache.presets import default_student
     from kdcache.train import TrainConfig, run_train
 
@@ -173,10 +193,11 @@ def train(
                         teacher_checkpoint=teacher_checkpoint, tensorboard=tensorboard,
                         subset=subset, seed=seed, store_root=store_root, out_dir=out_dir, run_name=run_name,
                         results=results, max_steps=max_steps, device=device, data_root=data_root,
-                        download=download)
-    r = run_train(cfg)
-    typer.echo(f"{r.student} <- {r.teacher or '-'} [{r.method}, {r.mode}]: top-1 {r.top1:.2f}% "
-               f"(best {r.best_top1:.2f}%) in {r.train_seconds:.0f}s; {r.checkpoint}")
+                        download=download, sync_bn=sync_bn or None, data_workers=data_workers)
+    with quiet_unless_main():  # under torchrun (kdcache train is DDP there), rank 0 alone prints
+        r = run_train(cfg)
+        typer.echo(f"{r.student} <- {r.teacher or '-'} [{r.method}, {r.mode}]: top-1 {r.top1:.2f}% "
+                   f"(best {r.best_top1:.2f}%) in {r.train_seconds:.0f}s; {r.checkpoint}")
 
 
 def _hint_pipeline_options(dataset: str, method: str, given: list[str]) -> None:
@@ -303,6 +324,8 @@ def bench(
     teacher_checkpoint: Optional[str] = typer.Option(None, help="trained teacher (default: random weights; "
                                                      "needed for the top-k accuracy comparison)"),
     acc_epochs: int = typer.Option(2, help="epochs of the dense vs top-k accuracy comparison"),
+    ddp_ranks: int = typer.Option(2, "--ddp-ranks", help="DDP on the CPU: this many gloo ranks (torchrun) vs one "
+                                  "process at the same global batch; 0 skips it"),
     device: str = DEVICE,
     results: str = typer.Option("results/bench.parquet", help="Parquet table the row is appended to"),
 ):
@@ -311,7 +334,34 @@ def bench(
 
     run_bench(BenchConfig(teacher=teacher, student=student, method=method, dataset=dataset, subset=subset,
                           batch_size=batch_size, steps=steps, views=views, recipe=recipe, dtype=dtype, device=device,
-                          results=results, topk=topk, teacher_checkpoint=teacher_checkpoint, acc_epochs=acc_epochs))
+                          results=results, topk=topk, teacher_checkpoint=teacher_checkpoint, acc_epochs=acc_epochs,
+                          ddp_ranks=ddp_ranks))
+
+
+@app.command("bench-data")
+def bench_data(
+    root: str = typer.Option("cache/bench-data", help="where the generated ImageFolder is written once (and reused) "
+                             "and the measurements run"),
+    size: int = typer.Option(64, help="px of the generated JPEGs (Fashion-MNIST upscaled from 28)"),
+    teacher: str = typer.Option("resnet10t", "--teacher"),
+    student: str = typer.Option("resnet10t", "--student"),
+    method: str = typer.Option("kd", "--method"),
+    recipe: str = typer.Option("rrc", "--recipe"),
+    subset: Optional[int] = typer.Option(None, help="training samples used (default: all 60000)"),
+    batch_size: int = 128,
+    workers: str = typer.Option("0,1,2", "--data-workers", help="loader worker counts to compare"),
+    train_steps: int = typer.Option(60, help="training steps per worker count"),
+    device: str = DEVICE,
+    results: str = typer.Option("results/bench-data.parquet", help="Parquet table the rows are appended to"),
+):
+    """Extraction and cached training on a generated folder of 70k JPEGs with 0, 1, 2 loader workers:
+    images/s, time to the first batch, peak memory; and the sample index built, reused, and not used."""
+    from kdcache.bench_data import BenchDataConfig, run_bench_data
+
+    counts = tuple(int(w) for w in workers.replace(",", " ").split())
+    run_bench_data(BenchDataConfig(root=root, size=size, teacher=teacher, student=student, method=method, recipe=recipe,
+                                   subset=subset, batch_size=batch_size, workers=counts, train_steps=train_steps,
+                                   device=device, results=results))
 
 
 @app.command()

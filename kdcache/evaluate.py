@@ -23,14 +23,16 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: TapModel, dataset, spec: RenderSpec, device: torch.device, batch_size: int = 512) -> Evaluation:
+def evaluate(model: TapModel, dataset, spec: RenderSpec, device: torch.device, batch_size: int = 512,
+             workers: int = 0) -> Evaluation:
+    """`workers`: processes decoding a dataset of files (data/loader.py; 0: this one)."""
     n = len(dataset)
     _, params = view_table(get_recipe("eval"), 0, dataset.keys, *dataset.sizes(), 1)
     top1 = top5 = 0
     loss = 0.0
     was = model.training
     model.eval()
-    for (x,), idx in iter_views(dataset, np.arange(n), params[0], [spec], batch_size, device):
+    for (x,), idx in iter_views(dataset, np.arange(n), params[0], [spec], batch_size, device, workers):
         with autocast(device):
             logits = model(x).logits.float()
         labels = torch.from_numpy(dataset.labels[idx]).to(logits.device)
@@ -42,6 +44,7 @@ def evaluate(model: TapModel, dataset, spec: RenderSpec, device: torch.device, b
     return Evaluation(100.0 * top1 / n, 100.0 * top5 / n, loss / n)
 
 
-def evaluate_model(model: TapModel, dataset, spec: RenderSpec, device: torch.device, batch_size: int = 512) -> float:
+def evaluate_model(model: TapModel, dataset, spec: RenderSpec, device: torch.device, batch_size: int = 512,
+                   workers: int = 0) -> float:
     """Top-1 accuracy (%) on a split with the deterministic eval view."""
-    return evaluate(model, dataset, spec, device, batch_size).top1
+    return evaluate(model, dataset, spec, device, batch_size, workers).top1

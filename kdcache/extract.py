@@ -4,27 +4,35 @@ Work is cut into blocks (one view x `block_n` samples, aligned to chunks). Block
 done are skipped, so a killed run resumes where it stopped, and processes given disjoint (or even
 overlapping) `--blocks` ranges can share one store. Writes go through a one-thread writer so the
 next forward overlaps the previous block's write.
+
+The stage is four pieces (load the teacher, prepare the store, write a list of blocks, measure),
+run in a row by `run_extract` and spread over a Dask cluster by kdcache/dask_extract.py, which
+uses the same pieces: there is one block loop.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdcache.data import PARAM_NAMES, check_view_table, get_recipe, key_hashes, load_dataset, view_table
-from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
+from kdcache.data.datasets import ImageDataset
+from kdcache.data.index import index_location
+from kdcache.data.loader import RenderSpec, ViewLoader, resolve_workers, to_device_resident
 from kdcache.devices import autocast_name, resolve_device
 from kdcache.errors import KDCacheError
 from kdcache.evaluate import evaluate_model
-from kdcache.methods import method_needs
-from kdcache.models import MODELS, describe
+from kdcache.locations import Location, join, location
+from kdcache.methods import Needs, method_needs
+from kdcache.models import MODELS, TapModel, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, load_teacher, teacher_forward
-from kdcache.store import Store, StoreAttrs, TeacherAttrs, store_path, versions
+from kdcache.store import Store, StoreAttrs, TeacherAttrs, TeacherCache, store_path, versions
 from kdcache.store.schema import DONE, VIEW_PARAMS
 
 
@@ -55,11 +63,12 @@ class ExtractConfig:
     checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR
     progress: bool = True
     max_blocks: int | None = None  # stop after this many blocks (tests: simulated interruption)
+    data_workers: int | None = None  # processes decoding a dataset of files (None: the machine's; 0: this one)
 
 
 @dataclass
 class ExtractResult:
-    store: Path
+    store: Location  # a Path, or a URL string for a store at a URL
     blocks_written: int
     blocks_skipped: int
     images: int
@@ -72,7 +81,7 @@ class ExtractResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-def _parse_blocks(spec: str | None, total: int | None = None, store: Path | None = None) -> range:
+def _parse_blocks(spec: str | None, total: int | None = None, store: Location | None = None) -> range:
     """`--blocks START:STOP` (either end may be left out) as a range over the store's `total` blocks
     (view-major: view v, sample block j is block v * blocks_per_view + j). With `total` None only
     the syntax is checked. A range that reaches past the store, or holds no block, is refused: it
@@ -128,21 +137,37 @@ def open_view_store(dataset, recipe_name: str, num_views: int | None, view_seed:
 
 def check_extract_config(cfg: ExtractConfig) -> None:
     """Refuse settings that cannot work, before any data or weights are loaded."""
+    if "," in cfg.teacher:
+        first, *rest = (m.strip() for m in cfg.teacher.split(","))
+        raise KDCacheError(f"--teacher {cfg.teacher}: extraction runs one teacher at a time",
+                           fix=f"extract each into the same store (kdcache extract --teacher {first} ...; then "
+                               f"--teacher {rest[0] if rest else 'OTHER'} ...), then train with --teacher {cfg.teacher}")
     if cfg.dtype not in ("float16", "float32"):
         raise KDCacheError(f"--dtype {cfg.dtype!r} is not supported", expected="float16 or float32")
     recipe = get_recipe(cfg.recipe)
+    location(cfg.store_root)  # a URL scheme with no installed fsspec backend: refused before any work
     _parse_blocks(cfg.blocks)
     for name, value in (("batch_size", cfg.batch_size), ("block_n", cfg.block_n)):
         if value < 1:
             raise KDCacheError(f"--{name.replace('_', '-')} {value} is not a positive size", expected="an integer >= 1")
     recipe.check_views(_num_views(recipe, cfg.views))
+    resolve_workers(cfg.data_workers)
+    extract_needs(cfg)  # an unknown teacher, method or family is refused here too
+
+
+def extract_needs(cfg: ExtractConfig) -> Needs:
+    """What the store must hold for `--methods` (and the student family): checked before any data or
+    weights are loaded, so an unknown method or teacher is refused at once."""
+    return method_needs(tuple(cfg.methods), MODELS.get(cfg.teacher).family, cfg.student_family)
 
 
 def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int, n_views: int,
                   device: torch.device) -> TeacherAttrs:
     """What the store records of the teacher and of what was extracted from it. `teacher_acc` starts
     unset: it is measured on the test split once the targets are complete (never copied from the
-    checkpoint, whose number may belong to other weights or another test set)."""
+    checkpoint, whose number may belong to other weights or another test set). `model` must still be
+    on the CPU (`describe` runs a CPU dummy forward); `device` is where the blocks will run (its
+    autocast is recorded)."""
     spec, info = model.spec, describe(model, meta["input_size"])
     stages = tuple(sorted(set(needs.stages) | set(cfg.stages)))
     stage_views = (cfg.stage_views if cfg.stage_views is not None else n_views) if stages else 0
@@ -158,21 +183,73 @@ def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int
         logits_topk=cfg.topk, teacher_acc=None, versions=versions(), autocast=autocast_name(device))
 
 
-def run_extract(cfg: ExtractConfig) -> ExtractResult:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+# ---------------------------------------------------------------------------------------------------
+# the pieces: load a teacher, prepare the store, write blocks, measure. A single process runs them in
+# a row (`run_extract`); on a Dask cluster the client prepares and measures through workers, and each
+# worker writes its groups of blocks with the same `write_blocks` (kdcache/dask_extract.py).
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Teacher:
+    """A teacher loaded for extraction with the training images it renders: all `write_blocks` and
+    the measurement need. A Dask worker keeps one between its tasks, so it is loaded once per worker."""
 
-    device = resolve_device(cfg.device)
-    check_extract_config(cfg)
-    train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
-    needs = method_needs(tuple(cfg.methods), MODELS.get(cfg.teacher).family, cfg.student_family)
+    model: TapModel
+    meta: dict  # load_teacher's: checkpoint path and sha256, mean/std, input size, checkpoint_acc
+    train: ImageDataset
+    render_spec: RenderSpec
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    data_workers: int = 0  # processes decoding a dataset of files for write_blocks (0: this one)
+
+    def to(self, device: torch.device) -> "Teacher":
+        """Move the weights (channels_last on CUDA) and the in-memory images to `device`."""
+        self.model.to(device).eval()
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.train = to_device_resident(self.train, device)
+        self.device = device
+        return self
+
+
+def load_extract_teacher(cfg: ExtractConfig, expected_sha256: str | None = None) -> Teacher:
+    """The training split and the teacher with its weights, on the CPU. With `expected_sha256` (what
+    the store recorded) a checkpoint with other bytes is refused before it is loaded."""
+    workers = resolve_workers(cfg.data_workers)  # files: image sizes from the sample index beside the stores
+    train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset,
+                         index=index_location(cfg.store_root, cfg.dataset, "train"), workers=workers)
     model, meta = load_teacher(cfg.teacher, cfg.dataset, train.num_classes, cfg.checkpoint, cfg.pretrained,
-                               cfg.checkpoint_dir, train.mean, train.std)
-    model.to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    store = open_view_store(train, cfg.recipe, cfg.views, cfg.view_seed, cfg.store_root, cfg.block_n,
-                            cfg.subset)
-    train = to_device_resident(train, device)
+                               cfg.checkpoint_dir, train.mean, train.std, expected_sha256=expected_sha256)
+    model.eval()
+    # augmentation fill colours and erase values in the dataset's normalisation, as the student's
+    spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), tuple(train.mean),
+                      tuple(train.std))
+    return Teacher(model, meta, train, spec, data_workers=workers)
+
+
+@dataclass
+class ExtractPlan:
+    """A prepared extraction: the view table and the teacher's group exist (created here, once, before
+    any block is written by anyone) and `todo` lists the blocks still to write, view-major."""
+
+    store: Store
+    cache: TeacherCache
+    chosen: list[tuple[int, int]]  # the blocks of --blocks (all by default)
+    todo: list[tuple[int, int]]  # of those, the ones not done, or done with a chunk file missing
+    marked: set[tuple[int, int]]  # blocks of `todo` whose done mark is set (a chunk file is missing)
+    checkpoint_acc: float | None  # what the checkpoint claims (reported beside the measured top-1)
+
+    def result(self, written: int, images: int, seconds: float, acc: float | None,
+               done: np.ndarray) -> ExtractResult:
+        extra = {"checkpoint_acc": self.checkpoint_acc, "blocks_done": int(done.sum()), "blocks_total": int(done.size)}
+        return ExtractResult(self.store.path, written, len(self.chosen) - written, images, seconds, acc, extra)
+
+
+def prepare_extract(cfg: ExtractConfig, teacher: Teacher, device: torch.device) -> ExtractPlan:
+    """Create (or open and check) the store and the teacher's arrays, write the frozen tail when a
+    method needs it, and list the blocks still to write. `teacher` is still on the CPU; `device` is
+    where the blocks will run."""
+    needs = extract_needs(cfg)
+    train, model, meta = teacher.train, teacher.model, teacher.meta
+    store = open_view_store(train, cfg.recipe, cfg.views, cfg.view_seed, cfg.store_root, cfg.block_n, cfg.subset)
     n_views = store.attrs.num_views
     n = store.num_samples
     total = n_views * -(-n // min(store.attrs.block_n, n))  # the teacher's done[V, blocks] size
@@ -183,36 +260,41 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
 
         save_tail(model, train.num_classes, cache.tail_path)
         cache.record_tail()  # its sha256, checked before every load
-    stages, stage_views = cache.attrs.stored_stages, cache.attrs.stage_views
-
-    # augmentation fill colours and erase values in the dataset's normalisation, as the student's
-    render_spec = RenderSpec(meta["input_size"], tuple(meta["mean"]), tuple(meta["std"]), tuple(train.mean),
-                             tuple(train.std))
-    recipe = get_recipe(store.attrs.recipe, **store.attrs.recipe_knobs)
-    table_at, fix = store.path / VIEW_PARAMS, f"delete {store.path} and run {store.extract_command(cfg.teacher)}"
     n_blocks = cache.group[DONE].shape[1]
     order = [(v, j) for v in range(n_views) for j in range(n_blocks)]
     chosen = [order[k] for k in _parse_blocks(cfg.blocks, len(order), store.path)]
+    marks = cache.done_mask()
     done = cache.intact_done_mask()  # a done block with a chunk file missing is written again
     todo = [(v, j) for v, j in chosen if not done[v, j]]
     if cfg.max_blocks is not None:
         todo = todo[:cfg.max_blocks]
+    marked = {(v, j) for v, j in todo if marks[v, j]}
+    return ExtractPlan(store, cache, chosen, todo, marked, meta["checkpoint_acc"])
 
-    t0, images = time.perf_counter(), 0
+
+def write_blocks(teacher: Teacher, cache: TeacherCache, blocks: list[tuple[int, int]], batch_size: int,
+                 stage_grid: int, on_block: Callable[[int], None] | None = None) -> int:
+    """Render, run and write `blocks` [(view, sample block)] in order; returns the views written.
+    Writes go through one writer thread (at most two blocks in flight), so the next forward overlaps
+    the previous block's write; a block's done mark is written after all its arrays (write_block).
+    `on_block(images)` is called as each block is handed to the writer (progress)."""
+    store, device = cache.store, teacher.device
+    stages, stage_views = cache.attrs.stored_stages, cache.attrs.stage_views
+    recipe = get_recipe(store.attrs.recipe, **store.attrs.recipe_knobs)
+    table_at, fix = join(store.path, VIEW_PARAMS), f"delete {store.path} and run {store.extract_command(cache.alias)}"
+    n, images = store.num_samples, 0
     pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1) as writer, Progress(
-            TextColumn(f"extract {cfg.teacher}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
-            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not cfg.progress) as bar:
-        task = bar.add_task("blocks", total=len(todo), rate="")
-        for v, j in todo:
+    with ThreadPoolExecutor(max_workers=1) as writer, \
+            ViewLoader(teacher.train, [teacher.render_spec], batch_size, device, teacher.data_workers) as views:
+        for v, j in blocks:
             a, b = cache.block_range(j)
             params = store.block_params(v, a, b)  # damaged chunks are named, not decoded
             check_view_table(params, recipe, n, f"{table_at} (view {v}, samples {a}-{b})", store.attrs.param_names, fix)
             logits, embed, maps = [], [], {k: [] for k in stages if v < stage_views}
-            for (x,), _ in iter_views(train, np.arange(a, b), params, [render_spec], cfg.batch_size, device):
+            for (x,), _ in views(np.arange(a, b), params):  # the loader's workers live across blocks
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                lg, em, st = teacher_forward(model, x, device, tuple(maps), cfg.stage_grid)
+                lg, em, st = teacher_forward(teacher.model, x, device, tuple(maps), stage_grid)
                 logits.append(lg), embed.append(em)
                 for k in maps:
                     maps[k].append(st[k])
@@ -221,27 +303,60 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
             pending.append(writer.submit(cache.write_block, v, j, np.concatenate(logits), np.concatenate(embed),
                                          {k: np.concatenate(m) for k, m in maps.items()}))
             images += b - a
-            bar.update(task, advance=1, rate=f"{images / (time.perf_counter() - t0):.0f} img/s")
+            if on_block is not None:
+                on_block(b - a)
         for f in pending:
             f.result()
+    return images
+
+
+@contextmanager
+def block_progress(alias: str, total: int, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar over `total` blocks; yields `advance(blocks, images)`."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0, seen = time.perf_counter(), [0]
+    with Progress(TextColumn(f"extract {alias}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled) as bar:
+        task = bar.add_task("blocks", total=total, rate="")
+
+        def advance(blocks: int, images: int) -> None:
+            seen[0] += images
+            bar.update(task, advance=blocks, rate=f"{seen[0] / (time.perf_counter() - t0):.0f} img/s")
+
+        yield advance
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    """Stage one in this process: prepare, write every block still to do, measure the teacher."""
+    device = resolve_device(cfg.device)
+    check_extract_config(cfg)
+    teacher = load_extract_teacher(cfg)
+    plan = prepare_extract(cfg, teacher, device)
+    teacher.to(device)
+    t0 = time.perf_counter()
+    with block_progress(cfg.teacher, len(plan.todo), cfg.progress) as advance:
+        images = write_blocks(teacher, plan.cache, plan.todo, cfg.batch_size, cfg.stage_grid,
+                              on_block=lambda k: advance(1, k))
     seconds = time.perf_counter() - t0
-
-    acc, done = measure_teacher(cfg, cache, model, render_spec, device, wrote=bool(todo))
-    extra = {"checkpoint_acc": meta["checkpoint_acc"], "blocks_done": int(done.sum()), "blocks_total": int(done.size)}
-    return ExtractResult(store.path, len(todo), len(chosen) - len(todo), images, seconds, acc, extra)
+    acc, done = measure_teacher(cfg, plan.cache, lambda: teacher, wrote=bool(plan.todo))
+    return plan.result(len(plan.todo), images, seconds, acc, done)
 
 
-def measure_teacher(cfg: ExtractConfig, cache, model, render_spec: RenderSpec, device: torch.device,
+def measure_teacher(cfg: ExtractConfig, cache: TeacherCache, teacher: Callable[[], Teacher],
                     wrote: bool) -> tuple[float | None, np.ndarray]:
     """(the teacher's top-1 on the test split, the done marks). Measured here, with the weights that
     made the targets, once every block is done (again when this run wrote blocks), and recorded as
-    the store's `teacher_acc`; None while the targets are incomplete (nothing is recorded then)."""
+    the store's `teacher_acc`; None while the targets are incomplete (nothing is recorded then).
+    `teacher` is called only when a measurement is due (on a Dask worker it may load the teacher)."""
     done = cache.done_mask()
     if not done.all():
         return None, done
     acc = cache.attrs.teacher_acc
     if acc is None or wrote:
-        test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download)
-        acc = evaluate_model(model, test, render_spec, device)
+        loaded = teacher()
+        test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download,
+                            index=index_location(cfg.store_root, cfg.dataset, "test"), workers=loaded.data_workers)
+        acc = evaluate_model(loaded.model, test, loaded.render_spec, loaded.device, workers=loaded.data_workers)
         cache.update_attrs(teacher_acc=acc)
     return acc, done

@@ -41,14 +41,52 @@ PRESETS.add("fashion_teacher", dict(epochs=8, batch_size=128, optimizer="adamw",
                                      warmup_epochs=1, schedule="cosine", recipe="cifar"))
 
 
-def preset_for(student_family: str, dataset: str) -> str:
-    """The default preset for a student family on a dataset."""
-    small = dataset in ("fashion-mnist", "synthetic")
-    if student_family == "cnn":
+SMALL_DATASETS = ("fashion-mnist", "synthetic")
+SMALL_INPUT = 64  # a model built for inputs this size or smaller gets the 32-px presets
+
+
+def preset_for(student: str, dataset: str) -> str:
+    """The default preset for a student on a dataset, chosen by the student's input size: a model
+    built for small inputs (resnet18_32, mixer_pico, ...) gets the 32-px CPU-sized presets on every
+    dataset, since the OFA presets set input_size 224, which such a model either cannot take (a
+    token model's grid is fixed) or would silently train at; a 224 model gets the OFA presets,
+    except on the small datasets."""
+    from kdcache.models import MODELS
+
+    spec = MODELS.get(student)
+    small = dataset in SMALL_DATASETS or spec.input_size <= SMALL_INPUT
+    if spec.family == "cnn":
         return "fashion_cnn" if small else "ofa_cifar_cnn"
     return "fashion_vit" if small else "ofa_cifar_vit"
 
 
+def input_sizes(student: str) -> str:
+    """The input sizes a student takes, in words: a CNN any size from 32 (global pooling after five
+    stride-2 stages), a token model (ViT, DeiT, Swin, Mixer, ResMLP) only the one it is built for
+    (its patch grid, windows or token-mixing width are fixed when it is built)."""
+    from kdcache.models import MODELS
+
+    spec = MODELS.get(student)
+    return "any size >= 32" if spec.family == "cnn" else f"only {spec.input_size}"
+
+
+def check_input_size(student: str, input_size: int | None, preset: str | None = None,
+                     dataset: str = "imagefolder") -> None:
+    """Refuse, before any data or model is loaded, an input size `student` cannot take (None: the
+    student's own size), naming where the size came from and the fix."""
+    from kdcache.models import MODELS
+
+    spec = MODELS.get(student)
+    if input_size is None or input_size == spec.input_size or (spec.family == "cnn" and input_size >= 32):
+        return
+    by_preset = preset is not None and PRESETS.get(preset).get("input_size") == input_size
+    came = f"preset {preset} sets input_size {input_size}" if by_preset else f"--input-size {input_size}"
+    raise KDCacheError(f"{came}, which student {student} ({spec.family}, built for {spec.input_size} px) cannot take",
+                       expected=f"{student}: {input_sizes(student)}",
+                       fix=(f"pass --preset {preset_for(student, dataset)} (made for its size) or --input-size "
+                            f"{spec.input_size}" if by_preset else
+                            f"pass --input-size {spec.input_size} or leave it out (the student's own size)")
+                           + f", or choose a student built for {input_size} px (kdcache list)")
 
 
 # The student `kdcache train` uses when none is named: a CPU-sized one where the dataset is small
@@ -77,10 +115,8 @@ def default_views(dataset: str, recipe: str | None, views: int | None) -> tuple[
     recipe = recipe or DEFAULT_RECIPES.get(dataset, "cifar")
     r = get_recipe(recipe)
     if views is None and not r.enumerates:
-        from kdcache.models import MODELS
-
         student = DEFAULT_STUDENTS.get(dataset, "resnet18")
-        epochs = PRESETS.get(preset_for(MODELS.get(student).family, dataset))["epochs"]
+        epochs = PRESETS.get(preset_for(student, dataset))["epochs"]
         views = r.views_for_epochs(epochs)
     shown = views if views is not None else r.default_views
     return recipe, views, f"recipe {recipe} with {shown} views (the {dataset} default)"

@@ -369,7 +369,8 @@ def make_report(pipeline: str | Path | None = None, results: str | Path | None =
 
     With a pipeline: its results file, only its runs (by run name), its pairs and methods in its
     order, out = its report_dir (results/<name>/). Without: every row of `results`."""
-    from kdcache.results import read_results
+    from kdcache.locations import is_url, location
+    from kdcache.results import read_results, results_exist
 
     if metric not in ("top1", "best_top1"):
         raise KDCacheError(f"unknown metric {metric!r}", expected="top1 (final epoch) or best_top1")
@@ -386,9 +387,9 @@ def make_report(pipeline: str | Path | None = None, results: str | Path | None =
         rows_filter = {t.config.run_name for t in tasks if t.kind == "train"}
         pairs, methods, benchmark = list(pipe.pairs), list(pipe.methods), pipe.benchmark
         title = f"kdcache report: {pipe.name}"
-    results = Path(results or "results/runs.parquet")
+    results = location(results or "results/runs.parquet")  # a Path, or a URL string (s3://...)
     out = Path(out or "results/report")
-    if not results.is_file():
+    if not results_exist(results):
         raise KDCacheError(f"no results table at {results}",
                            fix=f"run the sweep first: kdcache sweep {pipeline or 'PIPELINE'}" if pipeline else
                            "pass --results PATH (a Parquet written by kdcache train/sweep) or --pipeline P")
@@ -403,7 +404,8 @@ def make_report(pipeline: str | Path | None = None, results: str | Path | None =
     tables = build_tables(rows, pairs=pairs, methods=methods, benchmark=benchmark, metric=metric)
     out.mkdir(parents=True, exist_ok=True)
 
-    shown = os.path.relpath(results.resolve(), out.resolve())  # relative: the report reads the same anywhere
+    # relative: the report reads the same anywhere (a URL is shown as it is)
+    shown = str(results) if is_url(results) else os.path.relpath(results.resolve(), out.resolve())
     other = "best_top1" if metric == "top1" else "top1"
     other_tables = {(t.dataset, t.subset): t for t in build_tables(rows, pairs=pairs, methods=methods,
                                                                     benchmark=benchmark, metric=other)}

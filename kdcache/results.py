@@ -1,21 +1,32 @@
-"""Run results as one Parquet table people can query (one row per finished run).
+"""Run results as one table people can query (one row per finished run).
 
-Appends take an exclusive file lock and replace the file atomically, so concurrent runs of a
-sweep never lose or corrupt a row.
+A local table is one Parquet file: appends take an exclusive file lock and replace the file
+atomically, so concurrent runs of a sweep never lose or corrupt a row. A table at a URL
+(`s3://bucket/results/runs.parquet`) cannot be locked, and rewriting one shared object would lose
+the rows of writers that race: there every row is its own small JSON object,
+`<table>.d/<run_id>.json`, written with a conditional create (a run's row is never written twice,
+and no writer ever rewrites another's). Reading merges both forms, whichever exist, at either kind
+of location.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.errors import KDCacheError
 from kdcache.files import atomic_write, locked
+from kdcache.locations import Location, beside, create_if_absent, exists, files_in, is_url, join, location, read_bytes
+
+ROWS_SUFFIX = ".d"  # <table>.d/: the folder of one-row files beside (or instead of) the Parquet table
 
 
 @dataclass
@@ -54,13 +65,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def read_table(path: Path):
+def read_table(path: Location):
     """The Parquet table at `path`, or a KDCacheError naming the damaged file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path)
+        return pq.read_table(path if not is_url(path) else io.BytesIO(read_bytes(path)))
     except (pa.ArrowInvalid, OSError) as exc:
         raise KDCacheError(f"results table {path} is damaged ({exc})",
                            fix=f"move it aside (mv {path} {path}.damaged); every finished run also keeps its row in "
@@ -72,11 +83,14 @@ def append_rows(path: str | Path, rows: list[dict], *, unique: str | None = None
 
     With `unique`, rows whose value in that column is already in the table are skipped (a resumed
     run never adds its row twice). A damaged table is moved aside to `<name>.damaged-<time>` (and
-    said so) rather than losing the new rows. Returns the number of rows appended."""
+    said so) rather than losing the new rows. Returns the number of rows appended. At a URL each
+    row becomes its own file instead (`append_row_files`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = location(path)
+    if is_url(path):
+        return append_row_files(path, rows, unique=unique)
     with locked(path):
         old = None
         if path.exists():
@@ -102,6 +116,59 @@ def append_result(path: str | Path, result: RunResult) -> int:
     return append_rows(path, [dataclasses.asdict(result)], unique="run_id")
 
 
+def rows_folder(path: str | Path) -> Location:
+    """The folder of one-row files of the table at `path`."""
+    return beside(location(path), ROWS_SUFFIX)
+
+
+def append_row_files(path: str | Path, rows: list[dict], *, unique: str | None = None) -> int:
+    """Write each row as its own JSON file in `rows_folder(path)`, named by its `unique` column (a
+    conditional create: a row already there is skipped) or, without one, by a fresh unique name.
+    No file is ever rewritten, so concurrent writers need no lock. Returns the rows written."""
+    folder, written = rows_folder(path), 0
+    for row in rows:
+        key = row.get(unique) if unique else None
+        name = str(key).replace("/", "_") if key is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex}"
+        if unique and key is not None and _in_table(path, unique, key):
+            continue
+        if create_if_absent(join(folder, f"{name}.json"), json.dumps(row, sort_keys=True, default=_plain).encode()):
+            written += 1
+    return written
+
+
+def _plain(value):
+    """A numpy scalar as its Python value (anything else JSON cannot hold, as text)."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _in_table(path: str | Path, column: str, value) -> bool:
+    """Whether the Parquet table at `path` (the older single-file form) already has this row."""
+    path = location(path)
+    if not exists(path):
+        return False
+    table = read_table(path)
+    return column in table.column_names and value in set(table.column(column).to_pylist())
+
+
+def results_exist(path: str | Path) -> bool:
+    """A table at `path` in either form (a Parquet file, or a folder of one-row files)."""
+    return exists(location(path)) or bool(files_in(rows_folder(path), ".json"))
+
+
 def read_results(path: str | Path) -> list[dict]:
-    path = Path(path)
-    return read_table(path).to_pylist() if path.exists() else []
+    """Every row of the table at `path`: its Parquet file and its one-row files, whichever exist (a
+    row of the same run_id is taken once, the Parquet file's first)."""
+    path = location(path)
+    rows = read_table(path).to_pylist() if exists(path) else []
+    seen = {r.get("run_id") for r in rows if r.get("run_id") is not None}
+    for file in files_in(rows_folder(path), ".json"):
+        try:
+            row = json.loads(read_bytes(file))
+        except (OSError, ValueError) as exc:
+            raise KDCacheError(f"results row {file} is damaged ({exc})",
+                               fix="delete it; the run keeps its row in <out-dir>/<run>/result.json") from exc
+        if row.get("run_id") is not None and row["run_id"] in seen:
+            continue
+        seen.add(row.get("run_id"))
+        rows.append(row)
+    return rows

@@ -8,6 +8,9 @@ run folder (`run.lock`). Checkpoints are saved under unique temporary names and 
 resumed run rewrites `metrics.jsonl` from the checkpoint's history (an epoch logged by a killed
 process is never logged twice), and a finished run keeps its result row in `result.json` with a
 run id that the results table never holds twice.
+
+Under torchrun every rank has a `RunFolder` of the run (rank r of `rank`): all of them read it (a
+resumed run loads the same checkpoint on every rank), only rank 0 locks and writes it.
 """
 
 from __future__ import annotations
@@ -62,11 +65,19 @@ class RunState:
 class RunFolder:
     """One run's folder. Use `with RunFolder(...).held() as run:` for the run's whole duration."""
 
-    def __init__(self, path: str | Path, identity: dict[str, Any]):
-        self.path, self.identity = Path(path), identity
+    def __init__(self, path: str | Path, identity: dict[str, Any], rank: int = 0):
+        self.path, self.identity, self.rank = Path(path), identity, rank
+
+    @property
+    def writer(self) -> bool:
+        """Rank 0 (or the only process) writes; the other ranks of a data-parallel run only read."""
+        return self.rank == 0
 
     @contextmanager
     def held(self) -> Iterator["RunFolder"]:
+        if not self.writer:  # the writer holds the lock for the whole run; its ranks follow it
+            yield self
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         with exclusive(self.path / "run.lock", f"run folder {self.path}"):
             yield self
@@ -96,15 +107,17 @@ class RunFolder:
             blob = torch.load(self.checkpoint, map_location=device, weights_only=False)
             for key, module in modules.items():
                 module.load_state_dict(blob[key])
-            torch.set_rng_state(blob["rng"])
+            ranks = blob.get("rng_ranks") or [blob["rng"]]  # each rank's stream, when saved by a DDP run
+            torch.set_rng_state(ranks[self.rank] if self.rank < len(ranks) else blob["rng"])
             state = RunState(blob["epoch"], blob["step"], blob["best"], blob["history"])
         elif resume:
             print(f"note: --resume given but {self.checkpoint} does not exist; starting from scratch")
         elif recorded is not None:
             print(f"note: {self.path} holds this run already; starting it over (--resume continues it)")
-        self.rewrite_metrics(state.history)
-        if state.epoch == 0:
-            (self.path / RESULT).unlink(missing_ok=True)
+        if self.writer:
+            self.rewrite_metrics(state.history)
+            if state.epoch == 0:
+                (self.path / RESULT).unlink(missing_ok=True)
         return state
 
     def rewrite_metrics(self, history: list[dict]) -> None:
@@ -114,11 +127,14 @@ class RunFolder:
     def log_epoch(self, state: RunState, row: dict) -> None:
         state.history.append(row)
         state.epoch = row["epoch"]
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.writer:
+            with open(self.path / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def save(self, state: RunState, modules: dict[str, Any], extra: dict[str, Any], is_best: bool) -> None:
         """`last.pt` (everything `--resume` needs), and `best.pt` too when this epoch is the best."""
+        if not self.writer:
+            return
         blob = {**{k: m.state_dict() for k, m in modules.items()}, "epoch": state.epoch, "step": state.step,
                 "best": state.best, "history": state.history, "rng": torch.get_rng_state(),
                 "identity": self.identity, "acc": state.top1, **extra}
@@ -131,9 +147,11 @@ class RunFolder:
         takes as it is, with what it was trained for in the metadata."""
         from safetensors.torch import save_file
 
+        path = self.path / WEIGHTS
+        if not self.writer:
+            return path
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()}
-        path = self.path / WEIGHTS
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return path
 
@@ -143,6 +161,8 @@ class RunFolder:
 
     def finish(self, result: RunResult, results_table: str | None) -> RunResult:
         """Keep the result beside the checkpoint, then add it to the table (once per run id)."""
+        if not self.writer:
+            return result
         text = json.dumps(dataclasses.asdict(result), indent=1)
         atomic_write(self.path / RESULT, lambda tmp: tmp.write_text(text))
         if results_table:

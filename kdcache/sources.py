@@ -1,6 +1,6 @@
 """Where a training step's teacher targets come from: the one question the loop asks.
 
-Three sources answer "targets of these samples, at this epoch's views":
+Three sources (and an ensemble of cached or online ones, `EnsembleTargets`) answer "targets of these samples, at this epoch's views":
 - `NoTargets`: no teacher (teacher training, `ce`);
 - `CachedTargets`: the store; logits, embeddings and small stage maps are read whole at the start
   of each epoch (in the stored dtype, widened per batch), larger stage maps are streamed a window
@@ -15,6 +15,8 @@ the two feed the student identical batches.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -24,7 +26,7 @@ from kdcache.models.teacher import load_teacher, teacher_forward
 from kdcache.store import Store, TeacherCache
 from kdcache.store.schema import EMBED, LOGITS, TAIL_FILE, stage_array
 from kdcache.store.stream import WindowedStageReader, quasi_random_order
-from kdcache.targets import Needs, TeacherInfo, TeacherTargets
+from kdcache.targets import Needs, TeacherInfo, TeacherTargets, ensemble_logits
 
 
 def teacher_info(cache: TeacherCache) -> TeacherInfo:
@@ -32,6 +34,16 @@ def teacher_info(cache: TeacherCache) -> TeacherInfo:
     a = cache.attrs
     return TeacherInfo(alias=a.alias, family=a.family, num_classes=a.num_classes, embed_dim=a.embed_dim,
                        input_size=a.input_size, stage_shapes=a.stage_shapes)
+
+
+def ensemble_info(caches: list[TeacherCache]) -> TeacherInfo:
+    """An ensemble as the methods see it: its first member's description (the shapes that size
+    student-side modules, e.g. OFA's token grid) with the members' largest embedding width (OFA's
+    CNN projector width max(D_s, D_t)). Only logit methods run from an ensemble."""
+    first = teacher_info(caches[0])
+    return TeacherInfo(alias=",".join(c.attrs.alias for c in caches), family=first.family,
+                       num_classes=first.num_classes, embed_dim=max(c.attrs.embed_dim for c in caches),
+                       input_size=first.input_size, stage_shapes=first.stage_shapes)
 
 
 def check_cache_serves(cache: TeacherCache, store: Store, needs: Needs, method: str, dataset: str,
@@ -49,7 +61,7 @@ def check_cache_serves(cache: TeacherCache, store: Store, needs: Needs, method: 
         missing.append(f"teacher stage maps {lacking} (the store has {list(a.stored_stages) or 'none'})")
     elif needs.stages and a.stage_views < store.attrs.num_views:
         missing.append(f"stage maps for all {store.attrs.num_views} views (only {a.stage_views} have them)")
-    if needs.tail and not (cache.path / TAIL_FILE).is_file():
+    if needs.tail and not cache.has_tail():
         missing.append(f"the frozen teacher tail ({TAIL_FILE})")
     if missing:
         raise KDCacheError(f"method {method} needs " + "; ".join(missing) + f" in {store.path}", fix=fix)
@@ -77,7 +89,8 @@ class NoTargets:
     def plain_order(self, shuffle: torch.Generator) -> np.ndarray:
         return torch.randperm(self.n, generator=shuffle).numpy()
 
-    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator,
+                    select: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         return self.plain_order(shuffle)
 
     def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> None:
@@ -97,6 +110,7 @@ class CachedTargets(NoTargets):
         self.held_names = held_target_names(cache, needs, ram_budget_bytes)
         self.streamed = tuple(k for k in needs.stages if stage_array(k) not in self.held_names)
         self.held: dict[str, np.ndarray] = {}
+        self.rows: np.ndarray | None = None  # the sorted samples `held` has rows for; None: all n
         self.stream: WindowedStageReader | None = None
         # samples per chunk of the streamed maps: the unit of the quasi-random order
         self.chunk = cache.group[stage_array(self.streamed[0])].chunks[1] if self.streamed else None
@@ -106,9 +120,18 @@ class CachedTargets(NoTargets):
             return self.plain_order(shuffle)
         return quasi_random_order(self.n, self.chunk, self.window_chunks, shuffle)
 
-    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator,
+                    select: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The epoch's order, with the held targets read for it. `select(order)`: the sorted samples
+        this process will train on (a data-parallel rank's share); only their rows are read and
+        held. Streamed maps are still read a whole window at a time: a rank's samples of a window
+        lie in all of the window's chunks, so it decodes the same chunks either way."""
         order = self.epoch_order(shuffle)
-        self.held = self.cache.epoch_targets(view_ids, self.held_names)
+        self.rows = None if select is None else np.asarray(select(order))
+        if self.rows is None:
+            self.held = self.cache.epoch_targets(view_ids, self.held_names)
+        else:
+            self.held = {name: self.cache.read_pairs(name, view_ids[self.rows], self.rows) for name in self.held_names}
         if self.chunk is not None:
             self.stream = WindowedStageReader(self.cache, self.streamed, view_ids, order,
                                               self.chunk * self.window_chunks)
@@ -119,21 +142,22 @@ class CachedTargets(NoTargets):
 
     def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> TeacherTargets:
         t = TeacherTargets()
+        at = idx if self.rows is None else np.searchsorted(self.rows, idx)  # rows of `held`
         if LOGITS in self.held:
-            t.logits = self._tensor(self.held[LOGITS][idx])
+            t.logits = self._tensor(self.held[LOGITS][at])
         if EMBED in self.held:
-            t.embed = self._tensor(self.held[EMBED][idx])
+            t.embed = self._tensor(self.held[EMBED][at])
         streamed = self.stream.batch(idx) if self.stream is not None else {}
         for k in self.needs.stages:
             held = self.held.get(stage_array(k))
-            t.stages[k] = self._tensor(held[idx] if held is not None else streamed[k])
+            t.stages[k] = self._tensor(held[at] if held is not None else streamed[k])
         return t
 
     def end_epoch(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
-        self.held = {}
+        self.held, self.rows = {}, None
 
 
 class OnlineTargets(CachedTargets):
@@ -153,7 +177,8 @@ class OnlineTargets(CachedTargets):
         self.render_specs = (RenderSpec(a.input_size, tuple(a.mean), tuple(a.std), *(fill or (None, None))),)
         self.grid = a.stage_grid
 
-    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator) -> np.ndarray:
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator,
+                    select: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         return self.epoch_order(shuffle)
 
     def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> TeacherTargets:
@@ -162,3 +187,39 @@ class OnlineTargets(CachedTargets):
 
     def end_epoch(self) -> None:
         pass
+
+
+class EnsembleTargets(NoTargets):
+    """Several teachers on the same views (one store, groups side by side): their logits combined
+    into the mean of their probabilities (`targets.ensemble_logits`). Members are cached or
+    online sources of logits only; each online member renders at its own size."""
+
+    def __init__(self, members: list[CachedTargets]):
+        super().__init__(members[0].n)
+        self.members = members
+        self.render_specs = tuple(spec for m in members for spec in m.render_specs)
+
+    def begin_epoch(self, view_ids: np.ndarray, shuffle: torch.Generator,
+                    select: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The first member draws the order from `shuffle`; the others from copies of its state, so
+        they read the same rows and `shuffle` advances as for one teacher."""
+        state = shuffle.get_state()
+        order = self.members[0].begin_epoch(view_ids, shuffle, select)
+        for m in self.members[1:]:
+            same = torch.Generator().set_state(state)
+            if not np.array_equal(m.begin_epoch(view_ids, same, select), order):
+                raise KDCacheError("the ensemble's teachers drew different epoch orders",
+                                   expected="logit-only members with one plain shuffle")
+        return order
+
+    def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> TeacherTargets:
+        logits, at = [], 1
+        for m in self.members:  # each member gets the student view and its own renders
+            k = len(m.render_specs)
+            logits.append(m.batch(idx, views[:1] + views[at:at + k]).logits)
+            at += k
+        return TeacherTargets(logits=ensemble_logits(logits))
+
+    def end_epoch(self) -> None:
+        for m in self.members:
+            m.end_epoch()

@@ -5,6 +5,10 @@ online reference; where the targets come from is a target source (`sources.py`).
 modes see the same views: the view of sample i at epoch e is `epoch_views(...)[i]`, its parameters
 come from the store's view table, and the shuffle order is a pure function of (seed, epoch). With
 an fp32 store, cached and online training give the same weights (tests/test_pipeline.py).
+
+Under torchrun the same loop runs on every rank (`distributed.py`): each rank trains on its
+contiguous share of every global batch, DDP all-reduces the gradients of the student and the
+method's modules, and rank 0 alone evaluates and writes the run folder (tests/test_ddp.py).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,21 +29,26 @@ import torch
 
 from kdcache.data import DATASETS, check_view_table, epoch_views, get_recipe, key_hashes, load_dataset, view_table
 from kdcache.data.augment import COL, soft_targets
-from kdcache.data.loader import RenderSpec, iter_views, to_device_resident
+from kdcache.data.index import index_location
+from kdcache.data.loader import RenderSpec, ViewLoader, resolve_workers, to_device_resident
 from kdcache.devices import autocast, resolve_device
+from kdcache.distributed import Group, Launch, launched, local_batch, process_group, rank_device, rank_seed, rank_share
 from kdcache.errors import KDCacheError
 from kdcache.evaluate import evaluate
 from kdcache.files import atomic_torch_save, portable_path
+from kdcache.locations import is_file, join
 from kdcache.methods import Method, Needs, TeacherInfo, options_dict, resolve_method
 from kdcache.models import MODELS, build_model, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR
-from kdcache.presets import PRESETS, preset_for
+from kdcache.presets import PRESETS, check_input_size, preset_for
 from kdcache.progress import ProgressLog
 from kdcache.results import RunResult, git_commit
 from kdcache.runs import RunFolder, RunState, identity_digest
-from kdcache.sources import CachedTargets, NoTargets, OnlineTargets, check_cache_serves, teacher_info
+from kdcache.sources import (CachedTargets, EnsembleTargets, NoTargets, OnlineTargets, check_cache_serves,
+                             ensemble_info, teacher_info)
 from kdcache.store import Store, TeacherCache, store_path
-from kdcache.store.schema import EMBED, LOGITS, VIEW_PARAMS, jsonable
+from kdcache.store.schema import EMBED, LOGITS, META_FILE, VIEW_PARAMS, jsonable
+from kdcache.targets import ensemble_members, uses_only_logits
 
 
 @dataclass
@@ -88,13 +98,16 @@ class TrainConfig:
     tensorboard: bool = False  # also log every epoch's metrics to <run>/tensorboard
     save_teacher_to: str | None = None  # teacher training: copy the final checkpoint here
     checkpoint_dir: str = DEFAULT_CHECKPOINT_DIR  # online: where the default teacher checkpoint is looked for
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    data_workers: int | None = None  # processes decoding a dataset of files (None: the machine's; 0: this one)
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **values: Any) -> "TrainConfig":
         """The one preset merge (cli, sweep, demo): the preset's settings, then every given value
-        (None means "not given"). The default preset follows the student's family and the dataset."""
+        (None means "not given"). The default preset follows the student's family, its input size and
+        the dataset (`presets.preset_for`)."""
         values = {k: v for k, v in values.items() if v is not None}
-        preset = preset or preset_for(MODELS.get(values["student"]).family, values.get("dataset", "fashion-mnist"))
+        preset = preset or preset_for(values["student"], values.get("dataset", "fashion-mnist"))
         merged = {**PRESETS.get(preset), **values}
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - valid)
@@ -119,6 +132,8 @@ def check_train_config(cfg: TrainConfig) -> None:
             flag = "--" + name.replace("_", "-")
             raise KDCacheError(f"{flag} {getattr(cfg, name)!r} cannot train a model", expected=expected,
                                fix=f"pass {flag} with {expected.split(',')[0]} (or leave it out for the preset's)")
+    check_input_size(cfg.student, cfg.input_size, cfg.preset, cfg.dataset)
+    resolve_workers(cfg.data_workers)
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -154,7 +169,7 @@ class Plan:
     method_cls: type[Method]
     method_opts: Any
     store: Store | None
-    cache: TeacherCache | None
+    caches: tuple[TeacherCache, ...]  # the teacher's, or an ensemble's members'; () without a teacher
     teacher_info: TeacherInfo | None
     num_views: int
     view_seed: int
@@ -165,7 +180,7 @@ class Plan:
 
     @property
     def mode(self) -> str:
-        return "none" if self.cache is None else "cached"
+        return "cached" if self.caches else "none"
 
 
 def with_store_teacher(cfg: TrainConfig) -> TrainConfig:
@@ -189,29 +204,37 @@ def with_store_teacher(cfg: TrainConfig) -> TrainConfig:
 def plan_run(cfg: TrainConfig, train) -> Plan:
     sspec = MODELS.get(cfg.student)
     method_cls, opts = resolve_method(cfg.method, cfg.opts)
-    tfamily = MODELS.get(cfg.teacher).family if cfg.teacher else None
-    needs = method_cls.needs(opts, tfamily, sspec.family)
-    store = cache = tinfo = None
+    members = ensemble_members(cfg.teacher) if cfg.teacher else ()
+    each = [method_cls.needs(opts, MODELS.get(m).family if m else None, sspec.family) for m in members or (None,)]
+    needs = each[0]
+    for more in each[1:]:
+        needs = needs.union(more)
+    if len(members) > 1 and needs.teacher and not uses_only_logits(needs):
+        raise KDCacheError(f"method {cfg.method} reads one teacher's embedding, stage maps or tail; an ensemble "
+                           f"of teachers ({cfg.teacher}) gives logit targets only (the mean of their probabilities)",
+                           fix=f"pass one teacher (--teacher {members[0]}) or a logit method: kd, dkd, dist, ofa, mldr")
+    store, caches, tinfo = None, (), None
     path = store_path(cfg.store_root, cfg.dataset, "train", cfg.subset)
     if needs.teacher:
         store = Store.open(path)
         store.check_dataset(train.fingerprint.as_dict())
-    elif (path / "zarr.json").is_file():  # a matching store fixes the views, even for ce
+    elif is_file(join(path, META_FILE)):  # a matching store fixes the views, even for ce
         candidate = Store.open(path)
         if jsonable(candidate.attrs.fingerprint) == jsonable(train.fingerprint.as_dict()):
             store = candidate
     if needs.teacher:
-        cache = store.teacher(cfg.teacher)
-        cache.check_complete()
-        check_cache_serves(cache, store, needs, cfg.method, cfg.dataset, cfg.store_root)
-        cache.check_integrity(tuple(n for n, w in ((LOGITS, needs.logits), (EMBED, needs.embed)) if w))
-        tinfo = teacher_info(cache)
-        if tinfo.num_classes != train.num_classes:
+        caches = tuple(store.teacher(m) for m in members)
+        for cache in caches:
+            cache.check_complete()
+            check_cache_serves(cache, store, needs, cfg.method, cfg.dataset, cfg.store_root)
+            cache.check_integrity(tuple(n for n, w in ((LOGITS, needs.logits), (EMBED, needs.embed)) if w))
+        tinfo = teacher_info(caches[0]) if len(caches) == 1 else ensemble_info(list(caches))
+        if any(c.attrs.num_classes != train.num_classes for c in caches):
             raise KDCacheError(f"teacher targets have {tinfo.num_classes} classes, dataset has {train.num_classes}")
     if store is not None:
         recipe = get_recipe(store.attrs.recipe, **store.attrs.recipe_knobs)
         num_views, view_seed, params = store.attrs.num_views, store.attrs.view_seed, store.params()
-        check_view_table(params, recipe, len(train), str(store.path / VIEW_PARAMS), store.attrs.param_names,
+        check_view_table(params, recipe, len(train), str(join(store.path, VIEW_PARAMS)), store.attrs.param_names,
                          f"delete {store.path} and run {store.extract_command()}")
     else:
         recipe = get_recipe(cfg.recipe)
@@ -223,7 +246,7 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
               f"from the method's label_smoothing)")
     if not recipe.enumerates and cfg.epochs > num_views:
         print(f"note: {cfg.epochs} epochs over {num_views} cached views: views repeat after epoch {num_views}")
-    return Plan(needs, method_cls, opts, store, cache, tinfo, num_views, view_seed, params, key_hashes(train.keys),
+    return Plan(needs, method_cls, opts, store, caches, tinfo, num_views, view_seed, params, key_hashes(train.keys),
                 recipe, smoothing)
 
 
@@ -246,15 +269,25 @@ def batch_labels(plan: Plan, train, idx: np.ndarray, rows: np.ndarray, device: t
 
 
 def make_source(plan: Plan, cfg: TrainConfig, train, device: torch.device) -> NoTargets:
-    """The target source of this run: none, the cache, or the teacher live (`--online`)."""
-    if plan.cache is None:
+    """The target source of this run: none, the cache, or the teacher live (`--online`); for an
+    ensemble, one of those per member, combined."""
+    if not plan.caches:
         return NoTargets(len(train))
     budget = cfg.stage_ram_mb << 20
-    if cfg.online:
-        return OnlineTargets(plan.cache, plan.needs, len(train), device, budget, cfg.window_chunks, cfg.dataset,
-                             train.num_classes, cfg.teacher_checkpoint, cfg.checkpoint_dir,
-                             fill=(tuple(train.mean), tuple(train.std)))
-    return CachedTargets(plan.cache, plan.needs, len(train), device, budget, cfg.window_chunks)
+    if len(plan.caches) > 1 and cfg.teacher_checkpoint:
+        raise KDCacheError(f"--teacher-checkpoint names one file; the ensemble {cfg.teacher} has {len(plan.caches)} "
+                           "teachers", fix="leave --teacher-checkpoint out: each member's recorded checkpoint is used")
+
+    def source(cache: TeacherCache) -> CachedTargets:
+        if cfg.online:
+            return OnlineTargets(cache, plan.needs, len(train), device, budget, cfg.window_chunks, cfg.dataset,
+                                 train.num_classes, cfg.teacher_checkpoint, cfg.checkpoint_dir,
+                                 fill=(tuple(train.mean), tuple(train.std)))
+        return CachedTargets(cache, plan.needs, len(train), device, budget, cfg.window_chunks)
+
+    if len(plan.caches) == 1:
+        return source(plan.caches[0])
+    return EnsembleTargets([source(c) for c in plan.caches])
 
 
 def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.device) -> Method:
@@ -265,7 +298,7 @@ def build_method(plan: Plan, student: torch.nn.Module, size: int, device: torch.
     if plan.needs.tail:
         from kdcache.models.tails import load_tail
 
-        tail = load_tail(plan.cache.checked_tail_path())  # refused when its sha256 is not the recorded one
+        tail = load_tail(plan.caches[0].checked_tail_path())  # (one teacher: ensembles serve logits only)  # refused when its sha256 is not the recorded one
     method.attach(student, tail)
     return method
 
@@ -276,20 +309,24 @@ IDENTITY_SETTINGS = ("dataset", "subset", "student", "teacher", "method", "epoch
                      "window_chunks")
 
 
-def run_identity(cfg: TrainConfig, plan: Plan, train, mode: str) -> dict[str, Any]:
+def run_identity(cfg: TrainConfig, plan: Plan, train, mode: str, world_size: int = 1) -> dict[str, Any]:
     """Everything that changes a run's result: its settings, the method's resolved options, the data
-    fingerprint, the views and the teacher's checkpoint hash (not where files go, not when to stop)."""
+    fingerprint, the views and the teacher's checkpoint hash (not where files go, not when to stop).
+    A data-parallel run adds its world size (BatchNorm and batch-statistic losses see the rank's
+    batch) and `sync_bn`; a one-process run's identity is unchanged."""
+    ddp = {"world_size": world_size, "sync_bn": cfg.sync_bn} if world_size > 1 else {}
     return {**{k: getattr(cfg, k) for k in IDENTITY_SETTINGS}, "mode": mode,
             "options": options_dict(plan.method_opts), "fingerprint": train.fingerprint.as_dict(),
             "views": {"recipe": plan.recipe.name, "num_views": plan.num_views, "view_seed": plan.view_seed},
-            "teacher_sha256": plan.cache.attrs.checkpoint_sha256 if plan.cache is not None else None}
+            "teacher_sha256": ",".join(c.attrs.checkpoint_sha256 for c in plan.caches) or None, **ddp}
 
 
 def run_name(cfg: TrainConfig, mode: str, identity: dict[str, Any]) -> str:
     """`--run-name`, or one that runs of other settings never share (the identity's digest)."""
     sub = f"-n{cfg.subset}" if cfg.subset else ""
     method = cfg.method.replace(":", "-")
-    return cfg.run_name or (f"{cfg.dataset}{sub}-{cfg.teacher or 'none'}-{cfg.student}-{method}-{mode}-s{cfg.seed}"
+    teacher = (cfg.teacher or "none").replace(",", "+")  # an ensemble a,b -> a+b
+    return cfg.run_name or (f"{cfg.dataset}{sub}-{teacher}-{cfg.student}-{method}-{mode}-s{cfg.seed}"
                             f"-{identity_digest(identity)}")
 
 
@@ -316,6 +353,8 @@ class Run:
     specs: list[RenderSpec]
     opt: torch.optim.Optimizer
     mode: str
+    step: torch.nn.Module  # student + method as one module (under torchrun: wrapped in DDP)
+    group: Group
 
     @property
     def modules(self) -> dict[str, Any]:
@@ -328,45 +367,114 @@ class Run:
                 "mean": tuple(self.train.mean), "std": tuple(self.train.std)}
 
 
-def setup_run(cfg: TrainConfig) -> Run:
+class StudentStep(torch.nn.Module):
+    """The student and the method's trainable modules (projectors, gates, fusion parts) as one
+    module: DDP wraps this, so the gradients of both are all-reduced; in one process it is the same
+    two calls."""
+
+    def __init__(self, student: torch.nn.Module, method: Method):
+        super().__init__()
+        self.student, self.method = student, method
+
+    def forward(self, x: torch.Tensor, targets, labels: torch.Tensor, *, stages: bool, epoch: int, step: int,
+                total_epochs: int) -> dict[str, torch.Tensor]:
+        out = self.student(x, stages=stages)
+        return self.method(out, targets, labels, epoch=epoch, step=step, total_epochs=total_epochs)
+
+
+def setup_run(cfg: TrainConfig, group: Group | None = None) -> Run:
     check_train_config(cfg)
     cfg = with_store_teacher(cfg)
-    device = resolve_device(cfg.device)
-    train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset)
-    test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download)
+    group = group or Group(resolve_device(cfg.device))
+    device = group.device
+    workers = resolve_workers(cfg.data_workers)  # files: image sizes from the sample index beside the stores
+    train = load_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download, subset=cfg.subset,
+                         index=index_location(cfg.store_root, cfg.dataset, "train"), workers=workers)
+    test = load_dataset(cfg.dataset, "test", root=cfg.data_root, download=cfg.download,
+                        index=index_location(cfg.store_root, cfg.dataset, "test"), workers=workers)
     plan = plan_run(cfg, train)
     train, test = to_device_resident(train, device), to_device_resident(test, device)
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, train.num_classes, pretrained=cfg.pretrained,
                           drop_path_rate=cfg.drop_path).to(device)
+    sync_bn = cfg.sync_bn and group.world_size > 1
+    if sync_bn:  # before the method binds student modules (FBT's tail)
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     size = cfg.input_size or student.spec.input_size
     method = build_method(plan, student, size, device)
+    if sync_bn:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     source = make_source(plan, cfg, train, device)
     specs = [RenderSpec(size, tuple(train.mean), tuple(train.std)), *source.render_specs]
     opt = make_optimizer([p for p in [*student.parameters(), *method.parameters()] if p.requires_grad], cfg)
-    mode = "online" if cfg.online and plan.cache is not None else plan.mode
-    return Run(cfg, plan, device, train, test, student, method, source, specs, opt, mode)
+    mode = "online" if cfg.online and plan.caches else plan.mode
+    if group.rank:  # same initial weights everywhere; other dropout / drop-path masks on every rank
+        torch.manual_seed(rank_seed(cfg.seed, group.rank))
+    return Run(cfg, plan, device, train, test, student, method, source, specs, opt, mode,
+               StudentStep(student, method), group)
+
+
+def check_launch(cfg: TrainConfig, launch: Launch | None) -> None:
+    """Refuse, before anything is loaded, what cannot run data-parallel; every rank refuses alike."""
+    if launch is None:
+        if cfg.sync_bn:
+            print("note: --sync-bn has no effect in one process (BatchNorm already sees the whole batch)")
+        return
+    local_batch(cfg.batch_size, launch.world_size)
+    if cfg.sync_bn and launch.world_size > 1 and rank_device(resolve_device(cfg.device), launch).type != "cuda":
+        raise KDCacheError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)",
+                           fix="leave out --sync-bn on the CPU (each rank's BatchNorm then uses its own batch)")
+
+
+def data_parallel(step: torch.nn.Module, group: Group) -> torch.nn.Module:
+    """DDP around the student and the method's modules under torchrun (a collective: every rank
+    must reach it). The graph is declared static: every step uses the same parameters (a method
+    option can leave a module out, e.g. fitnet's w_kd=0, but then at every step), so DDP learns at
+    the first step which ones never get a gradient instead of searching the graph at every step."""
+    if not group.active:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [group.device.index] if group.device.type == "cuda" else None
+    return DistributedDataParallel(step, device_ids=device_ids, static_graph=True)
 
 
 def run_train(cfg: TrainConfig) -> RunResult:
-    """Train (or resume, or report the already finished) run of `cfg`; one result row per run."""
-    run = setup_run(cfg)
+    """Train (or resume, or report the already finished) run of `cfg`; one result row per run.
+    Under torchrun every rank calls this; each returns rank 0's result."""
+    check_train_config(cfg)
+    launch = launched()
+    check_launch(cfg, launch)
+    with process_group(rank_device(resolve_device(cfg.device), launch), launch) as group:
+        return train_in_group(cfg, group)
+
+
+def train_in_group(cfg: TrainConfig, group: Group) -> RunResult:
+    # Every rank sets up alone; `together` makes all of them stop when one cannot, before the first
+    # collective (DDP's weight broadcast) could leave the others waiting.
+    run = group.together(lambda: setup_run(cfg, group))
+    run.step = data_parallel(run.step, group)
     cfg = run.cfg  # with the teacher it chose
-    identity = run_identity(cfg, run.plan, run.train, run.mode)
-    folder = RunFolder(Path(cfg.out_dir) / run_name(cfg, run.mode, identity), identity)
-    with folder.held():
-        state = folder.start(cfg.resume, run.modules, run.device)
+    identity = run_identity(cfg, run.plan, run.train, run.mode, group.world_size)
+    folder = RunFolder(Path(cfg.out_dir) / run_name(cfg, run.mode, identity), identity, group.rank)
+    with ExitStack() as held:
+        group.together(lambda: held.enter_context(folder.held()))  # rank 0 locks the folder
+        state = group.together(lambda: folder.start(cfg.resume, run.modules, run.device))  # all load
         recorded = folder.recorded_result()
         if recorded is not None and is_finished(state, cfg):
             print(f"note: run {folder.path.name} finished already (top-1 {recorded.top1:.2f}%); nothing to train")
             return folder.finish(recorded, cfg.results)
         acc, train_seconds = train_loop(run, folder, state)
-        folder.export_weights(run.student.net, {"alias": cfg.student, "timm_name": run.student.spec.timm_name,
-                                                "num_classes": run.train.num_classes, "input_size": run.specs[0].size,
-                                                "mean": list(run.train.mean), "std": list(run.train.std)})
-        if cfg.save_teacher_to:
-            export_teacher(folder.checkpoint, cfg.save_teacher_to)
-        return folder.finish(make_result(run, state, acc, train_seconds, folder.checkpoint), cfg.results)
+        result = None
+        if group.is_main:
+            folder.export_weights(run.student.net, {"alias": cfg.student, "timm_name": run.student.spec.timm_name,
+                                                    "num_classes": run.train.num_classes,
+                                                    "input_size": run.specs[0].size,
+                                                    "mean": list(run.train.mean), "std": list(run.train.std)})
+            if cfg.save_teacher_to:
+                export_teacher(folder.checkpoint, cfg.save_teacher_to)
+            result = folder.finish(make_result(run, state, acc, train_seconds, folder.checkpoint), cfg.results)
+        return group.broadcast(result)
 
 
 def is_finished(state: RunState, cfg: TrainConfig) -> bool:
@@ -375,24 +483,35 @@ def is_finished(state: RunState, cfg: TrainConfig) -> bool:
 
 def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, float]:
     """The epochs: views of the epoch, targets from the source, a step per batch, then eval and a
-    checkpoint. Returns (last top-1, training seconds over all epochs, resumed ones included)."""
+    checkpoint. Returns (last top-1, training seconds over all epochs, resumed ones included).
+
+    Under torchrun each rank steps on its share of every global batch (`rank_share`), its loss
+    weighted by that share; the logged loss terms are the global batch's (one small all-reduce per
+    step, which also makes every rank stop together on a non-finite loss); rank 0 evaluates and
+    writes, then hands its epoch row to the others so that every rank keeps the same state."""
     cfg, plan, device, student, method, opt = run.cfg, run.plan, run.device, run.student, run.method, run.opt
+    dist = run.group
     n, steps_per_epoch = len(run.train), math.ceil(len(run.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs  # the lr schedule's length (max_steps only stops early)
     shown = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
     train_seconds, acc = sum(h["seconds"] for h in state.history), state.top1
-    board = tensorboard_writer(folder.path) if cfg.tensorboard else None
+    board = tensorboard_writer(folder.path) if cfg.tensorboard and dist.is_main else None
+    share_of = lambda order: rank_share(order, cfg.batch_size, dist.rank, dist.world_size)  # noqa: E731
+    mine = (lambda order: np.unique(share_of(order).order)) if dist.world_size > 1 else None  # targets read
     with ProgressLog(f"train {folder.path.name}", shown, "steps", done=state.step,
-                     enabled=cfg.progress) as progress:
+                     enabled=cfg.progress and dist.is_main) as progress, \
+            ViewLoader(run.train, run.specs, cfg.batch_size, device, resolve_workers(cfg.data_workers)) as loader:
         for epoch in range(state.epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             view_ids = epoch_views(plan.recipe, plan.num_views, plan.view_seed, plan.key_hash, epoch)
             view_params = plan.params[view_ids, np.arange(n)]
-            order = run.source.begin_epoch(view_ids, torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            order = run.source.begin_epoch(view_ids, torch.Generator().manual_seed(cfg.seed * 100003 + epoch), mine)
+            share = share_of(order)
             student.train(), method.train()
             sums: dict[str, float] = {}
             step_ends = [time.perf_counter()]
-            for views, idx in iter_views(run.train, order, view_params[order], run.specs, cfg.batch_size, device):
+            batches = loader(share.order, view_params[share.order], share.batch)  # its workers live across epochs
+            for (views, idx), weight in zip(batches, share.weights):
                 if cfg.max_steps is not None and state.step >= cfg.max_steps:
                     break
                 for group in opt.param_groups:
@@ -400,37 +519,48 @@ def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, flo
                 targets = run.source.batch(idx, views)
                 labels = batch_labels(plan, run.train, idx, view_params[idx], device)
                 with autocast(device):
-                    out = student(views[0], stages=plan.needs.student_stages)
-                    losses = method(out, targets, labels, epoch=epoch, step=state.step, total_epochs=cfg.epochs)
+                    losses = run.step(views[0], targets, labels, stages=plan.needs.student_stages, epoch=epoch,
+                                      step=state.step, total_epochs=cfg.epochs)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
-                    raise KDCacheError(f"loss became {loss.item()} at step {state.step} ({terms})",
+                seen = {k: v.detach() for k, v in losses.items()}  # the global batch's terms
+                if dist.active:
+                    stacked = torch.stack([v.float() for v in seen.values()]) * float(weight / dist.world_size)
+                    seen = dict(zip(seen, dist.all_reduce_sum(stacked)))
+                total = sum(seen.values())
+                if not torch.isfinite(total):
+                    terms = {k: round(float(v), 4) for k, v in seen.items()}
+                    raise KDCacheError(f"loss became {float(total)} at step {state.step} ({terms})",
                                        fix="lower --lr, or check the method options")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if weight == 1 else loss * float(weight)).backward()
                 if cfg.clip_grad is not None:
                     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
                 opt.step()
                 state.step += 1
                 step_ends.append(time.perf_counter())
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                progress.advance(1, f"epoch {epoch + 1}/{cfg.epochs} loss {float(loss.detach()):.4f}")
+                for k, v in seen.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                progress.advance(1, f"epoch {epoch + 1}/{cfg.epochs} loss {float(total):.4f}")
             run.source.end_epoch()
             seconds = time.perf_counter() - t_epoch
             train_seconds += seconds
             row = epoch_row(state, epoch, seconds, step_ends, opt.param_groups[0]["lr"], sums, cfg.batch_size)
-            if cfg.eval_every and (is_finished(state, cfg) or epoch + 1 == cfg.epochs
-                                   or (epoch + 1) % cfg.eval_every == 0):
-                ev = evaluate(student, run.test, run.specs[0], device)
+            is_best = False
+            if not dist.is_main:
+                pass  # rank 0 evaluates; its row (and best) arrive below
+            elif cfg.eval_every and (is_finished(state, cfg) or epoch + 1 == cfg.epochs
+                                     or (epoch + 1) % cfg.eval_every == 0):
+                ev = evaluate(student, run.test, run.specs[0], device, workers=resolve_workers(cfg.data_workers))
                 acc, is_best = ev.top1, ev.top1 > state.best or not state.history
                 state.best = max(state.best, acc)
                 row.update(top1=ev.top1, top5=ev.top5, test_loss=ev.loss)
             else:
                 row["top1"], is_best = acc, False
+            row, acc, state.best, train_seconds = dist.broadcast((row, acc, state.best, train_seconds))
+            rngs = dist.gather(torch.get_rng_state()) if dist.active else None  # every rank's stream, for --resume
             folder.log_epoch(state, row)
-            folder.save(state, run.modules, run.checkpoint_extra(), is_best)
+            folder.save(state, run.modules, {**run.checkpoint_extra(), **({"rng_ranks": rngs} if rngs else {})},
+                        is_best)
             progress.note(describe_epoch(row, cfg.epochs, progress))
             if board is not None:
                 for key, value in row.items():
@@ -482,13 +612,23 @@ def portable_config(cfg: TrainConfig) -> dict[str, Any]:
 def make_result(run: Run, state: RunState, acc: float, train_seconds: float, ckpt_path: Path) -> RunResult:
     cfg, plan = run.cfg, run.plan
     epochs_run = len(state.history)
-    teacher_acc = plan.cache.attrs.teacher_acc if plan.cache is not None else None
+    # an ensemble's own accuracy is not measured (its members' are in the store): nan
+    teacher_acc = plan.caches[0].attrs.teacher_acc if len(plan.caches) == 1 else None
+    world = {"world_size": run.group.world_size} if run.group.world_size > 1 else {}
     return RunResult(
         run_id=uuid.uuid4().hex[:12], finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         dataset=cfg.dataset, subset=cfg.subset or 0, student=cfg.student, method=cfg.method, mode=run.mode,
         teacher=cfg.teacher or "", teacher_acc=float("nan") if teacher_acc is None else float(teacher_acc),
         preset=cfg.preset or "", options=json.dumps(options_dict(plan.method_opts)),
-        train_config=json.dumps(portable_config(cfg)), epochs=epochs_run, steps=state.step, top1=acc,
+        train_config=json.dumps({**portable_config(cfg), **world}), epochs=epochs_run, steps=state.step, top1=acc,
         best_top1=state.best, train_seconds=train_seconds, seconds_per_epoch=train_seconds / max(epochs_run, 1),
         seed=cfg.seed, store=portable_path(plan.store.path) if plan.store else "", checkpoint=portable_path(ckpt_path),
         device=str(run.device), commit=git_commit())
+
+
+if __name__ == "__main__":
+    # `python -m kdcache.train CONFIG_JSON`: one run of a complete TrainConfig (the JSON of its fields),
+    # the way a program launches a DDP run of a config it built: torchrun ... -m kdcache.train CONFIG_JSON
+    import sys
+
+    run_train(TrainConfig(**json.loads(sys.argv[1])))

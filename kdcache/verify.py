@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
+from kdcache.locations import is_dir, join, parent_of
 from kdcache.store import Store
 from kdcache.store.integrity import Damage, repair, scan_store
 from kdcache.store.schema import EMBED, LOGITS, teacher_group
@@ -89,7 +90,7 @@ def _scan(store: Store, names: list[str], views: VerifyReport, reports: dict[str
     """Scan (and repair) until nothing new is found: a rewritten zarr.json makes its array readable,
     so the arrays it hid are scanned on the next pass."""
     for _ in range(3):
-        present = [n for n in names if (store.path / teacher_group(n)).is_dir()]
+        present = [n for n in names if is_dir(join(store.path, teacher_group(n)))]
         vscan, tscans = scan_store(store, present, read=True)
         new = []
         for report, scan in [(views, vscan), *((reports[n], tscans[n]) for n in present)]:
@@ -131,6 +132,7 @@ def verify_store(path: str | Path, teacher: str | None = None, samples: int = 64
 def _replay(store: Store, cache, report: VerifyReport, samples: int, seed: int, checkpoint: str | None, device: str,
             data_root: str | None) -> None:
     from kdcache.data import load_dataset
+    from kdcache.data.index import index_location
     from kdcache.data.loader import RenderSpec, iter_views
     from kdcache.devices import resolve_device
     from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, load_teacher, teacher_forward
@@ -141,9 +143,10 @@ def _replay(store: Store, cache, report: VerifyReport, samples: int, seed: int, 
     dev = resolve_device(device)
     fp = store.attrs.fingerprint
     subset = fp["n"] if fp["n"] else None
-    ds = load_dataset(fp["name"], fp["split"], root=data_root)
+    index = index_location(parent_of(parent_of(store.path)), fp["name"], fp["split"])  # beside the store
+    ds = load_dataset(fp["name"], fp["split"], root=data_root, index=index)
     if len(ds) != fp["n"]:
-        ds = load_dataset(fp["name"], fp["split"], root=data_root, subset=subset)
+        ds = load_dataset(fp["name"], fp["split"], root=data_root, subset=subset, index=index)
     store.check_dataset(ds.fingerprint.as_dict())
     model, _ = load_teacher(cache.alias, fp["name"], a.num_classes, checkpoint or a.checkpoint, a.pretrained,
                             DEFAULT_CHECKPOINT_DIR, a.mean, a.std, expected_sha256=a.checkpoint_sha256)

@@ -16,18 +16,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdcache"
 
-# errors sits under floor 1 (every floor reports through it); report sits over sweep (it reads a
+# errors sits under floor 1 (every floor reports through it), locations just over it (files' atomic
+# writes and the store both take URLs through it); report sits over sweep (it reads a
 # sweep's pipeline and run names); runs sits over results (a finished run appends its row);
-# presets are floor-4 settings that only train-time code reads.
+# presets are floor-4 settings that only train-time code reads; dask_extract sits over extract (it
+# spreads stage one's blocks over a Dask cluster with extract's own pieces).
 FLOORS = {
-    "kdcache": 0, "kdcache.errors": 0.5,
-    "kdcache.registry": 1, "kdcache.devices": 1, "kdcache.files": 1, "kdcache.targets": 1,
+    "kdcache": 0, "kdcache.errors": 0.5, "kdcache.locations": 0.75,
+    "kdcache.registry": 1, "kdcache.devices": 1, "kdcache.files": 1, "kdcache.targets": 1, "kdcache.distributed": 1,
     "kdcache.presets": 4,
     "kdcache.data": 2, "kdcache.models": 2, "kdcache.store": 2,
     "kdcache.methods": 3,
     "kdcache.evaluate": 4, "kdcache.sources": 4, "kdcache.results": 4.0, "kdcache.runs": 4.5,
-    "kdcache.extract": 5, "kdcache.train": 5,
-    "kdcache.sweep": 6, "kdcache.report": 6.5, "kdcache.bench": 6, "kdcache.demo": 6, "kdcache.verify": 6,
+    "kdcache.extract": 5, "kdcache.train": 5, "kdcache.dask_extract": 5.5,
+    "kdcache.sweep": 6, "kdcache.report": 6.5, "kdcache.bench": 6, "kdcache.bench_data": 6, "kdcache.demo": 6, "kdcache.verify": 6,
     "kdcache.inspect": 6, "kdcache.viewgrid": 6,
     "kdcache.cli": 7,
 }

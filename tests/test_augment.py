@@ -271,15 +271,16 @@ def test_batched_render_equals_per_row_and_is_deterministic():
     assert torch.isfinite(x).all()
 
 
-def test_bicubic_base_needs_views_support():
-    imgs = _smooth(2, 32)
-    p = _rows(2, interp=1)
-    if not A._BASE_TAKES_INTERP:
-        with pytest.raises(KDCacheError, match="render_batch"):
-            A.render_augmented(imgs, p, 48, MEAN, STD)
-        return
-    cubic = A.render_augmented(imgs, p, 48, MEAN, STD)
-    linear = A.render_augmented(imgs, _rows(2), 48, MEAN, STD)
+def test_bicubic_base_is_chosen_per_row():
+    """A batch mixing bilinear and bicubic rows (ofa_cnn's 'random' interpolation) renders each row
+    with its own filter in one render_batch call."""
+    imgs = _smooth(4, 32)
+    p = _rows(4)
+    p[1::2, C["interp"]] = 1
+    mixed = A.render_augmented(imgs, p, 48, MEAN, STD)
+    cubic = render_batch(imgs, p[:, :len(PARAM_NAMES)], 48, MEAN, STD, interpolation="bicubic")
+    linear = render_batch(imgs, p[:, :len(PARAM_NAMES)], 48, MEAN, STD, interpolation="bilinear")
+    assert torch.equal(mixed[1::2], cubic[1::2]) and torch.equal(mixed[::2], linear[::2])
     assert not torch.equal(cubic, linear) and (cubic - linear).abs().mean() < 4 * LEVEL
 
 

@@ -285,3 +285,24 @@ def test_cli_sweep_dry_run(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "teacher fwd saved" in r.output and "deit_pico <- resnet10t, kd" in r.output
     assert _created(tmp_path) == []
+
+
+def test_ensemble_pairs_depend_on_each_members_extraction(tmp_path):
+    """pairs = [["a,b", "s"]]: logit methods read both teachers' extractions; feature methods are
+    planned as unavailable with the reason; a member not among [[teachers]] is named."""
+    text = SMOKE.read_text().replace('methods = ["ce", "kd"]', 'methods = ["ce", "kd", "rsd"]').replace(
+        'pairs = [["resnet10t", "resmlp_pico"], ["resnet10t", "deit_pico"]]',
+        'pairs = [["resnet10t,mixer_pico", "deit_pico"]]')
+    text += '\n[[teachers]]\nalias = "mixer_pico"\nfinetune = { preset = "fashion_vit", epochs = 1 }\n'
+    path = tmp_path / "ensemble.toml"
+    path.write_text(text)
+    tasks = {t.id: t for t in plan_sweep(load_pipeline(path, tmp_path), estimate=False)}
+    kd = next(t for t in tasks.values() if t.kind == "train" and t.method == "kd")
+    assert kd.teacher == "resnet10t,mixer_pico" and kd.deps == ["extract:resnet10t", "extract:mixer_pico"]
+    assert kd.forwards == 2 * 2 * 32  # two teachers' forwards per sample seen
+    rsd = next(t for t in tasks.values() if t.kind == "train" and t.method == "rsd")
+    assert rsd.status == "unavailable" and "logit targets only" in rsd.note
+    assert {"extract:resnet10t", "extract:mixer_pico"} <= set(tasks)
+    path.write_text(text.replace('alias = "mixer_pico"', 'alias = "vit_pico"'))
+    with pytest.raises(KDCacheError, match="pair teacher 'mixer_pico' is not among the"):
+        load_pipeline(path, tmp_path)

@@ -68,7 +68,6 @@ geometric ops (grid_sample) differ from PIL's by under one level on average, at 
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import re
@@ -781,28 +780,10 @@ def _norm_consts(mean, std, C, device):
     return m.view(1, C, 1, 1), s.view(1, C, 1, 1)
 
 
-_BASE_TAKES_INTERP = "interpolation" in inspect.signature(views.render_batch).parameters
-
-
 def _render_base(images, p64, params, size, mean, std) -> torch.Tensor:
-    crop = params[:, :len(PARAM_NAMES)]
-    bicubic = p64[:, COL["interp"]] > 0.5
-    if not bool(bicubic.any()):
-        return views.render_batch(images, crop, size, mean, std)
-    if not _BASE_TAKES_INTERP:
-        raise KDCacheError("bicubic base interpolation (interp = 1) needs views.render_batch(..., interpolation=)",
-                           fix="draw with interpolation='bilinear' until views.render_batch takes an interpolation")
-    out = None
-    for flag, mode in ((False, "bilinear"), (True, "bicubic")):
-        idx = torch.nonzero(bicubic == flag).flatten()
-        if len(idx) == 0:
-            continue
-        dev_idx = idx.to(images.device)
-        part = views.render_batch(images[dev_idx], crop[idx.to(crop.device)], size, mean, std, interpolation=mode)
-        if out is None:
-            out = torch.empty((images.shape[0],) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device)
-        out[dev_idx] = part
-    return out
+    """The rows' crop, flip and base interpolation (each row bilinear or bicubic): one render_batch."""
+    return views.render_batch(images, params[:, :len(PARAM_NAMES)], size, mean, std,
+                              interpolation=(p64[:, COL["interp"]] > 0.5).numpy())
 
 
 # --- rendering -------------------------------------------------------------------------------

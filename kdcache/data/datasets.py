@@ -13,6 +13,7 @@ from; a `subset` is a deterministic class-stratified choice keyed by sample keys
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,11 @@ class ImageDataset:
 
     `images` is uint8 [N, 3, H, W] when every image is in RAM at one size; otherwise it is None
     and `image(i)` decodes `paths[i]` (RGB; grayscale repeated to 3 channels). Plain attributes
-    only, so the object pickles into spawned DataLoader workers."""
+    only, so the object pickles into spawned DataLoader workers.
+
+    `known_sizes` (int64 [N, 2], height and width) comes from the sample index (data/index.py):
+    with it `sizes()` reads no file header, and an image whose decoded size is not its indexed size
+    is refused (the file changed since `index_at` was written)."""
 
     name: str
     split: str
@@ -77,6 +82,9 @@ class ImageDataset:
     std: tuple[float, float, float]
     images: torch.Tensor | None = None
     paths: list[str] | None = None
+    folder: str | None = None  # files: the folder the keys are relative to (paths[i] = folder/keys[i])
+    known_sizes: np.ndarray | None = field(default=None, repr=False)
+    index_at: str | None = None  # where known_sizes were read from (named when a file disagrees)
     _sizes: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -90,6 +98,8 @@ class ImageDataset:
                                         or self.images.shape[0] != n or self.images.shape[1] != 3):
             raise ValueError(f"images must be uint8 [N, 3, H, W] with N={n}, got "
                              f"{self.images.dtype} {tuple(self.images.shape)}")
+        if self.known_sizes is not None and np.shape(self.known_sizes) != (n, 2):
+            raise ValueError(f"known_sizes must be [N, 2] with N={n}, got {np.shape(self.known_sizes)}")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -110,6 +120,14 @@ class ImageDataset:
                 arr = np.array(im.convert("RGB"), dtype=np.uint8)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
             raise self.decode_error(i, exc) from exc
+        if self.known_sizes is not None and tuple(arr.shape[:2]) != tuple(int(v) for v in self.known_sizes[i]):
+            h, w = (int(v) for v in self.known_sizes[i])
+            raise KDCacheError(
+                f"image {self.paths[i]} (sample {self.keys[i]!r} of {self.name}/{self.split}) is {arr.shape[0]}x"
+                f"{arr.shape[1]} but the sample index {self.index_at} says {h}x{w}: the file changed after it was "
+                f"indexed, and the view table was drawn for the old size",
+                expected="the files as they were when the index (and any store made from it) was written",
+                fix=f"restore the file, or delete {self.index_at} and the stores beside it and extract again")
         self._sizes[i] = arr.shape[:2]
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
@@ -117,6 +135,8 @@ class ImageDataset:
         """(H, W) of sample i; for files only the header is read."""
         if self.images is not None:
             return int(self.images.shape[2]), int(self.images.shape[3])
+        if self.known_sizes is not None:
+            return int(self.known_sizes[i, 0]), int(self.known_sizes[i, 1])
         if i not in self._sizes:
             from PIL import Image
 
@@ -147,6 +167,8 @@ class ImageDataset:
         if self.images is not None:
             n, _, h, w = self.images.shape
             return np.full(n, h, dtype=np.int64), np.full(n, w, dtype=np.int64)
+        if self.known_sizes is not None:
+            return self.known_sizes[:, 0].astype(np.int64), self.known_sizes[:, 1].astype(np.int64)
         hw = np.array([self.image_size(i) for i in range(len(self))], dtype=np.int64).reshape(-1, 2)
         return hw[:, 0].copy(), hw[:, 1].copy()
 
@@ -161,7 +183,8 @@ class ImageDataset:
             name=self.name, split=self.split, num_classes=self.num_classes, class_names=list(self.class_names),
             keys=[self.keys[i] for i in idx], labels=self.labels[idx], mean=self.mean, std=self.std,
             images=None if self.images is None else self.images[torch.from_numpy(idx)],
-            paths=None if self.paths is None else [self.paths[i] for i in idx],
+            paths=None if self.paths is None else [self.paths[i] for i in idx], folder=self.folder,
+            known_sizes=None if self.known_sizes is None else self.known_sizes[idx], index_at=self.index_at,
             _sizes={k: self._sizes[int(i)] for k, i in enumerate(idx) if int(i) in self._sizes})
 
 
@@ -327,32 +350,60 @@ DATASETS.add("cifar100", _cifar_factory("cifar100"))
 
 
 # --- ImageFolder -----------------------------------------------------------------------------
+# The folder each split may live in, first match wins: the evaluation split is test/ (kdcache's
+# name) or val/ (ImageNet's convention), so an ImageNet tree works as it is unpacked.
+IMAGEFOLDER_DIRS = {"train": ("train",), "test": ("test", "val")}
+
+
 def _imagefolder_split_dir(root: str | None, split: str) -> Path:
+    names = IMAGEFOLDER_DIRS[split]
+    shown = " or ".join(f"{n}/" for n in names)
     if root is None:
         raise KDCacheError("dataset 'imagefolder' needs a data root",
-                           expected="ROOT/train/<class>/<image> and ROOT/test/<class>/<image>",
+                           expected="ROOT/train/<class>/<image> and ROOT/test/ (or ROOT/val/)<class>/<image>",
                            fix="pass --data-root ROOT")
-    d = Path(root) / split
-    if not d.is_dir():
-        raise KDCacheError(f"imagefolder split folder {d} does not exist",
-                           expected=f"{Path(root)}/{split}/<class>/<image files>",
-                           fix=f"point --data-root at the folder that holds {split}/, or create it")
-    return d
+    for name in names:
+        d = Path(root) / name
+        if d.is_dir():
+            return d
+    missing = " nor ".join(str(Path(root) / n) for n in names)
+    raise KDCacheError(f"imagefolder {split} split folder missing: neither {missing} exists" if len(names) > 1
+                       else f"imagefolder split folder {Path(root) / names[0]} does not exist",
+                       expected=f"{Path(root)}/{names[0]}/<class>/<image files>"
+                                + (f" (or {Path(root)}/{names[1]}/...)" if len(names) > 1 else ""),
+                       fix=f"point --data-root at the folder that holds {shown}, or create it")
 
 
 def _class_dirs(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _image_files(folder: Path) -> list[str]:
+    """Image files under `folder` at any depth, as paths relative to it, in the order kdcache has
+    always used (Path order: component by component). os.walk reads each folder once and tells
+    files from folders without a stat per file: listing ImageNet's 1.28M files takes seconds."""
+    found = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        rel = os.path.relpath(top, folder)
+        for f in files:
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(f if rel == "." else os.path.join(rel, f))
+    found.sort(key=lambda r: r.split(os.sep))
+    return found
+
+
 @DATASETS.register("imagefolder")
 def _load_imagefolder(split: str, root: str | None, download: bool, seed: int) -> ImageDataset:
-    """ROOT/<split>/<class>/<file>; classes come from ROOT/train when it exists, so the test split
-    gets the same class indices even if it lacks a class folder.
+    """ROOT/<split>/<class>/<file> (the test split: ROOT/test/, else ROOT/val/); classes come from
+    ROOT/train when it exists, so the test split gets the same class indices even if it lacks a
+    class folder.
 
     A class folder that exists but holds no image file is refused (KDCacheError naming it): kept,
     it would be a class with 0 samples that the model still predicts; skipped, the class indices
     of every later class would shift. Delete the folder (from both splits) or fill it. Files that
-    cannot be decoded are refused when they are read (`ImageDataset.image`), naming the file."""
+    cannot be decoded are refused when they are read (`ImageDataset.image`), naming the file.
+    Image sizes are not read here: `load_dataset(..., index=)` takes them from the sample index."""
     d = _imagefolder_split_dir(root, split)
     train_dir = Path(root) / "train"
     classes = _class_dirs(train_dir if train_dir.is_dir() else d)
@@ -367,22 +418,23 @@ def _load_imagefolder(split: str, root: str | None, download: bool, seed: int) -
         cdir = d / cname
         if not cdir.is_dir():
             continue
-        files = sorted(p for p in cdir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = _image_files(cdir)
         if not files:
             raise KDCacheError(
                 f"class folder {cdir} has no images: class {cname!r} would have 0 {split} samples",
                 expected=f"at least one file ending in {', '.join(IMAGE_EXTENSIONS)} in every class folder",
                 fix=f"add images to {cdir}, or delete the folder (from every split, if the class should not exist)")
-        for p in files:
-            keys.append(p.relative_to(d).as_posix())
-            paths.append(str(p))
-            labels.append(c)
+        base = str(cdir) + os.sep
+        for rel in files:
+            keys.append(f"{cname}/{rel}" if os.sep == "/" else f"{cname}/{Path(rel).as_posix()}")
+            paths.append(base + rel)
+        labels += [c] * len(files)
     if not keys:
         raise KDCacheError(f"no images under {d}",
                            expected=f"files ending in {', '.join(IMAGE_EXTENSIONS)} in {d}/<class>/")
     mean, std = IMAGENET_STATS
     return ImageDataset("imagefolder", split, len(classes), classes, keys, np.array(labels, dtype=np.int64),
-                        mean, std, images=None, paths=paths)
+                        mean, std, images=None, paths=paths, folder=str(d))
 
 
 @_checker("imagefolder")
@@ -458,14 +510,18 @@ def subset_indices(labels: np.ndarray, keys: list[str], n: int, seed: int = 0) -
 
 
 def load_dataset(name: str, split: str = "train", *, root: str | None = None, download: bool = False,
-                 subset: int | None = None, seed: int = 0) -> ImageDataset:
+                 subset: int | None = None, seed: int = 0, index=None, workers: int = 0) -> ImageDataset:
     """Load one split of a registered dataset, optionally a stratified subset of `subset` samples.
 
     A subset larger than the split is refused (naming the split's size); `subset == len` is the
     whole split (and its fingerprint).
 
     `seed` picks the subset (and the synthetic data); keys stay the full set's keys, so a sample
-    keeps its views whether or not it is in a subset."""
+    keeps its views whether or not it is in a subset.
+
+    `index` (a path or URL, `index.index_location`): for a dataset of files, where the sample index
+    of the whole split is kept; image sizes are read from it (built there first by `workers`
+    processes when it is absent, damaged or stale), never from the files' headers."""
     factory = DATASETS.get(name)
     if split not in SPLITS:
         raise KDCacheError(f"unknown split {split!r}", expected=f"one of: {', '.join(SPLITS)}",
@@ -474,6 +530,10 @@ def load_dataset(name: str, split: str = "train", *, root: str | None = None, do
         raise KDCacheError(f"subset must be a positive number of samples, got {subset!r}",
                            fix="pass --subset N with N >= 1, or leave it out for the whole split")
     ds = factory(split, root, download, seed)
+    if index is not None and ds.images is None:
+        from kdcache.data.index import with_index
+
+        ds = with_index(ds, index, workers)
     if subset is not None and subset > len(ds):
         raise KDCacheError(f"--subset {subset} is larger than {name} {split}, which has {len(ds)} samples",
                            expected=f"a subset of 1 to {len(ds)} samples",

@@ -1,9 +1,16 @@
 """Batches of rendered views: the one path by which extract, train and eval get pixels.
 
 In-memory datasets (all images one size) are rendered a whole batch at a time, on the training
-device when it is a GPU; lazily loaded datasets (ImageFolder) are rendered per sample in DataLoader
-worker processes (spawned, never forked). A file that cannot be decoded, in a worker or not,
-surfaces as the dataset's KDCacheError naming that file.
+device when it is a GPU. Datasets of files (ImageFolder) are decoded and rendered by a
+`ViewLoader`'s `workers` spawned processes (never forked; 0: this process), which live as long as
+the loader, across epochs and extraction blocks: one batch per task, two batches in flight per
+worker, pinned memory on CUDA. A batch decodes each of its images once, however many views it
+renders from it (a sample's several views given as rows [n, K, P], every spec's size, a mixing
+partner), and renders its rows that share a source size together (`render_files`). Which process
+renders a batch never changes a pixel: rendering is a pure function of image and row, equal bit
+for bit batched or alone, so 0, 1 or N workers give identical batches (tests/test_data_workers.py).
+A file that cannot be decoded, in a worker or not, surfaces as the dataset's KDCacheError naming
+that file.
 
 A view row is either a crop/flip row (`views.PARAM_NAMES`: `render_batch`) or a full augmented row
 (`augment.COLUMNS`), rendered by `render_rows` in timm's order: crop / flip / interpolation,
@@ -20,6 +27,9 @@ halves share the view's geometry and ops, which is mixing the two sources and au
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -28,7 +38,8 @@ import torch
 
 from kdcache.data.augment import COL, COLUMNS, apply_erase, apply_mix, render_augmented
 from kdcache.data.datasets import ImageDataset
-from kdcache.data.views import PARAM_NAMES, render, render_batch
+from kdcache.data.views import PARAM_NAMES, render_batch
+from kdcache.errors import KDCacheError
 
 
 @dataclass(frozen=True)
@@ -77,23 +88,6 @@ def partner_positions(params: np.ndarray) -> np.ndarray | None:
     return np.asarray(params[:, COL["mx_partner"]]).astype(np.int64)
 
 
-class _PerSampleViews(torch.utils.data.Dataset):
-    def __init__(self, dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, specs: list[RenderSpec]):
-        self.dataset, self.indices, self.params, self.specs = dataset, indices, params, specs
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int):
-        image = self.dataset.image(int(self.indices[k]))
-        p = torch.as_tensor(self.params[k])
-        if p.shape[-1] == len(PARAM_NAMES):
-            return tuple(render(image, p, s.size, s.mean, s.std) for s in self.specs)
-        row = p[None]
-        partner = self.dataset.image(int(p[COL["mx_partner"]]))[None] if float(p[COL["mx_mode"]]) > 0 else None
-        return tuple(render_rows(image[None], row, s, partner)[0] for s in self.specs)
-
-
 def to_device_resident(dataset: ImageDataset, device: torch.device) -> ImageDataset:
     """On a GPU, move an in-memory dataset's uint8 images there once, so every batch is gathered
     and rendered on the device and the CPU never becomes the bottleneck (CIFAR-100 train: 150 MB)."""
@@ -102,43 +96,221 @@ def to_device_resident(dataset: ImageDataset, device: torch.device) -> ImageData
     return dataset
 
 
-def iter_views(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, specs: list[RenderSpec],
-               batch_size: int, device: torch.device, workers: int = 0
-               ) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
-    """Yield ([one batch per spec], sample indices) in the given order; params[k] is the view row of
-    indices[k] (crop/flip or augmented: `render_rows`; a mixing partner is a position in `dataset`)."""
-    indices = np.asarray(indices)
-    if dataset.images is not None:
-        images = dataset.images
-        for a in range(0, len(indices), batch_size):
-            idx = indices[a:a + batch_size]
-            rows = np.asarray(params[a:a + batch_size])
-            raw = images[torch.as_tensor(idx, device=images.device)].to(device, non_blocking=True)
+def default_workers() -> int:
+    """Loader processes when none are asked for: this process's share of the cores (under torchrun,
+    LOCAL_WORLD_SIZE ranks share them), less one for the process itself (it runs the model), at
+    most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(8, cpus // ranks - 1))
+
+
+def resolve_workers(workers: int | None) -> int:
+    """`--workers`: None is `default_workers()`; a negative number is refused."""
+    if workers is None:
+        return default_workers()
+    if not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise KDCacheError(f"--workers {workers!r} is not a number of processes",
+                           expected="an integer >= 0 (0: decode in the main process)",
+                           fix=f"pass --workers {default_workers()} (this machine's default) or leave it out")
+    return int(workers)
+
+
+def _rows_of(params: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """(rows [n * K, P] sample-major, K) of params [n, P] or [n, K, P]."""
+    p = np.asarray(params)
+    if p.ndim == 2 and len(p) == n:
+        return p, 1
+    if p.ndim == 3 and len(p) == n:
+        return p.reshape(n * p.shape[1], p.shape[2]), int(p.shape[1])
+    raise KDCacheError(f"view rows of shape {p.shape} for {n} samples", expected="[n, P] or [n, K, P]")
+
+
+def render_files(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray,
+                 specs: list[RenderSpec]) -> list[torch.Tensor]:
+    """One batch of a dataset of files: float32 [n * K, C, size, size] per spec for samples
+    `indices` [n] and their view rows params [n, P] or [n, K, P] (rows sample-major). Each image
+    (a mixing partner included) is decoded once; rows whose image and partner share source sizes
+    are rendered together. Runs in a loader worker or, with 0 workers, in the main process."""
+    indices = np.asarray(indices, dtype=np.int64)
+    rows, k = _rows_of(params, len(indices))
+    samples = np.repeat(indices, k)
+    mates = partner_positions(rows)
+    mixing = np.zeros(len(rows), dtype=bool) if mates is None else rows[:, COL["mx_mode"]] > 0
+    needed = set(samples.tolist()) | (set(mates[mixing].tolist()) if mates is not None else set())
+    images = {i: dataset.image(i) for i in sorted(needed)}
+    shape = {i: tuple(im.shape[1:]) for i, im in images.items()}
+    groups: dict[tuple, list[int]] = {}
+    for r, i in enumerate(samples.tolist()):
+        partner = shape[int(mates[r])] if mixing[r] else ()
+        groups.setdefault((shape[i], partner), []).append(r)
+    channels = next(iter(images.values())).shape[0]
+    out = [torch.empty((len(rows), channels, s.size, s.size), dtype=torch.float32) for s in specs]
+    for (_, partner), members in groups.items():
+        at = np.asarray(members)
+        raw = torch.stack([images[i] for i in samples[at].tolist()])
+        mate = torch.stack([images[int(m)] for m in mates[at].tolist()]) if partner else None
+        p = torch.from_numpy(np.ascontiguousarray(rows[at]))
+        for o, s in zip(out, specs):
+            o[torch.from_numpy(at)] = render_rows(raw, p, s, mate)
+    return out
+
+
+@contextmanager
+def _one_thread():
+    """Rendering a batch of files is many small tensor ops per image; with several intra-op threads
+    OpenMP's hand-offs cost more than they save (measured on a busy 2-core machine: the ofa_vit ops
+    of 60 small images took 22 s with 2 threads, 0.75 s with 1). DataLoader workers run with one
+    thread; with 0 workers the main process does the same for the batch, then gets its own back."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Plan(torch.utils.data.Sampler):
+    """The DataLoader's sampler: the current pass's batches, each (sample indices, view rows). The
+    loader's persistent workers receive each batch through their task queues, so a new pass (next
+    epoch, next extraction block) is just a new list here. Closed, it hands out no more batches."""
+
+    def __init__(self):
+        self.work: list[tuple[np.ndarray, np.ndarray]] = []
+        self.open = True
+
+    def __iter__(self):
+        for work in list(self.work):
+            if not self.open:
+                return
+            yield work
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+
+class _FileBatches(torch.utils.data.Dataset):
+    """`render_files` for a worker: the batch is the key."""
+
+    def __init__(self, dataset: ImageDataset, specs: list[RenderSpec]):
+        self.dataset, self.specs = dataset, list(specs)
+
+    def __getitem__(self, work: tuple[np.ndarray, np.ndarray]) -> list[torch.Tensor]:
+        return render_files(self.dataset, work[0], work[1], self.specs)
+
+
+def _as_is(batch):
+    return batch
+
+
+class ViewLoader:
+    """Batches of rendered views of one dataset at fixed specs, through `workers` processes that
+    live as long as the loader (close it, or use it as a context manager). Call it once per pass:
+    `loader(indices, params)` yields ([one tensor per spec], sample indices) in the given order,
+    params [n, P] (one view per sample) or [n, K, P] (K views per sample, decoded once: each tensor
+    then holds K rows per sample, sample-major, and a batch covers batch_size // K samples).
+    In-memory datasets never use workers: their batches are gathered and rendered on the device."""
+
+    def __init__(self, dataset: ImageDataset, specs: list[RenderSpec], batch_size: int, device: torch.device,
+                 workers: int = 0, prefetch: int = 2):
+        if batch_size < 1:
+            raise KDCacheError(f"batch size {batch_size} is not a positive size", expected="an integer >= 1")
+        self.dataset, self.specs, self.batch_size, self.device = dataset, list(specs), int(batch_size), device
+        self.workers = 0 if dataset.images is not None else resolve_workers(workers)
+        if self.workers and multiprocessing.current_process().daemon:
+            print(f"note: this process is daemonic (a Dask worker's, by default) and may not start processes: the "
+                  f"{self.workers} loader workers asked for decode here instead (Dask: distributed.worker.daemon: "
+                  f"false lets them start)")
+            self.workers = 0
+        self.prefetch = int(prefetch)
+        self._plan = _Plan()
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def __enter__(self) -> "ViewLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (a later pass starts new ones). A pass left early (max_steps, an
+        error, a probe) still has batches in flight: no more are handed out, those are collected,
+        and only then are the workers stopped. Stopped in the middle of a batch, a worker
+        sometimes aborts on exit ("terminate called without an active exception"; seen once in
+        12 early closes with 2 workers), and DataLoader raises that as a failed worker."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is None:
+            return
+        self._plan.open = False
+        try:
+            for _ in it:
+                pass
+        except Exception:  # noqa: BLE001 - a failing batch in flight is of no use now
+            pass
+        it._shutdown_workers()
+
+    def __call__(self, indices: np.ndarray, params: np.ndarray,
+                 batch_size: int | None = None) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
+        """One pass (`batch_size`: this pass's, default the loader's)."""
+        indices = np.asarray(indices)
+        _, k = _rows_of(params, len(indices))
+        step = max(1, int(batch_size or self.batch_size) // k)
+        spans = [(a, min(a + step, len(indices))) for a in range(0, len(indices), step)]
+        if self.dataset.images is not None:
+            yield from self._in_memory(indices, params, spans)
+            return
+        work = [(indices[a:b], np.asarray(params[a:b])) for a, b in spans]
+        if self.workers == 0:
+            for idx, rows in work:
+                with _one_thread():
+                    views = render_files(self.dataset, idx, rows, self.specs)
+                yield [v.to(self.device) for v in views], idx
+            return
+        self._plan.work, self._plan.open = work, True
+        batches = iter(self._dataloader())
+        for idx, rows in work:
+            try:
+                views = next(batches)
+            except Exception:
+                # a worker's KDCacheError arrives re-wrapped: render the batch here, which raises it
+                # named (file, sample key, fix); if it renders, the worker's error stands
+                render_files(self.dataset, idx, rows, self.specs)
+                raise
+            yield [v.to(self.device, non_blocking=True) for v in views], idx
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                _FileBatches(self.dataset, self.specs), batch_size=None, sampler=self._plan, collate_fn=_as_is,
+                num_workers=self.workers, multiprocessing_context="spawn", persistent_workers=True,
+                prefetch_factor=self.prefetch, pin_memory=self.device.type == "cuda",
+                # its own generator: DataLoader draws worker seeds at every pass, and from torch's global
+                # one that would shift the training's random stream (dropout, drop path) with the workers
+                generator=torch.Generator())
+        return self._loader
+
+    def _in_memory(self, indices: np.ndarray, params: np.ndarray, spans: list[tuple[int, int]]):
+        images = self.dataset.images
+        for a, b in spans:
+            idx = indices[a:b]
+            rows, k = _rows_of(params[a:b], b - a)
+            gather = torch.as_tensor(np.repeat(idx, k), device=images.device)
+            raw = images[gather].to(self.device, non_blocking=True)
             mates = partner_positions(rows)
             partners = None
             if mates is not None:  # the partner images (a gather; only mixing rows use them)
-                partners = images[torch.as_tensor(mates, device=images.device)].to(device, non_blocking=True)
-            p = torch.as_tensor(rows, device=device)
-            yield [render_rows(raw, p, s, partners) for s in specs], idx
-        return
-    loader = torch.utils.data.DataLoader(
-        _PerSampleViews(dataset, indices, params, specs), batch_size=batch_size, shuffle=False,
-        num_workers=workers, multiprocessing_context="spawn" if workers else None,
-        pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    for a in range(0, len(indices), batch_size):
-        try:
-            views = next(batches)
-        except Exception:
-            if workers:  # a worker's KDCacheError arrives re-wrapped: name the file from here
-                _raise_unreadable(dataset, indices[a:a + batch_size])
-            raise
-        yield [v.to(device, non_blocking=True) for v in views], indices[a:a + batch_size]
+                partners = images[torch.as_tensor(mates, device=images.device)].to(self.device, non_blocking=True)
+            p = torch.as_tensor(rows, device=self.device)
+            yield [render_rows(raw, p, s, partners) for s in self.specs], idx
 
 
-def _raise_unreadable(dataset: ImageDataset, idx: np.ndarray) -> None:
-    """Decode the failed batch's files in this process, so an unreadable one raises the dataset's
-    own KDCacheError (file, sample key, fix) rather than DataLoader's re-wrapped worker error (which
-    for a KDCacheError is a TypeError); when every file decodes, the caller re-raises that error."""
-    for i in idx:
-        dataset.image(int(i))  # a file that cannot be decoded raises here, named
+def iter_views(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, specs: list[RenderSpec],
+               batch_size: int, device: torch.device, workers: int = 0
+               ) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
+    """One pass of a `ViewLoader` of its own (its workers stop when the pass ends): yield ([one batch
+    per spec], sample indices) in the given order; params[k] is the view row of indices[k]
+    (crop/flip or augmented: `render_rows`; a mixing partner is a position in `dataset`). Passes that
+    repeat (epochs, extraction blocks) keep one ViewLoader instead, so its workers start once."""
+    with ViewLoader(dataset, specs, batch_size, device, workers) as loader:
+        yield from loader(indices, params)

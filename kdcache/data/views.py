@@ -46,8 +46,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from kdcache.data.resample import resample
 from kdcache.errors import KDCacheError
 from kdcache.registry import Registry
 
@@ -165,7 +165,7 @@ class Recipe:
                 f"recipe {self.name!r} has exactly {self.default_views} distinct views and caches all of "
                 f"them, so --views {num_views} is not possible",
                 expected=f"--views {self.default_views} (or no --views)",
-                fix=f"leave out --views, or use a sampling recipe such as 'rrc' for a chosen number of views")
+                fix="leave out --views, or use a sampling recipe such as 'rrc' for a chosen number of views")
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -587,96 +587,76 @@ def _norm(x: torch.Tensor, mean, std) -> torch.Tensor:
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
-def _resize(x: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """Antialiased bilinear (torchvision's default for tensors) or bicubic on float [B, C, h, w];
-    bicubic is clamped to the pixel range, as a uint8 image would be."""
-    if interpolation not in INTERPOLATIONS:
-        raise KDCacheError(f"unknown interpolation {interpolation!r}", expected=" or ".join(INTERPOLATIONS))
-    if x.shape[-2:] == (size, size):
-        return x
-    out = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
-    return out.clamp_(0.0, 255.0) if interpolation == "bicubic" else out
+def _bicubic_rows(interpolation, n: int) -> np.ndarray:
+    """bool [n]: which rows resize bicubic. `interpolation` is one name for every row, or one flag
+    per row (True: bicubic), as the augmented recipes draw it per view."""
+    if isinstance(interpolation, str):
+        if interpolation not in INTERPOLATIONS:
+            raise KDCacheError(f"unknown interpolation {interpolation!r}", expected=" or ".join(INTERPOLATIONS))
+        return np.full(n, interpolation == "bicubic")
+    flags = np.asarray(torch.as_tensor(interpolation).cpu(), dtype=bool).reshape(-1)
+    if len(flags) != n:
+        raise KDCacheError(f"{len(flags)} interpolation flags for {n} rows", expected="one flag per row")
+    return flags
 
 
-def render(image: torch.Tensor, params, size: int, mean, std, interpolation: str = "bilinear",
+def render(image: torch.Tensor, params, size: int, mean, std, interpolation="bilinear",
            normalize: bool = True) -> torch.Tensor:
     """uint8 [C, H, W] -> float32 [C, size, size]: the view described by `params`.
 
-    Integer crop (zero padding outside the image), bilinear antialiased resize only when the crop
-    is not already size x size, horizontal flip if params[4] > 0.5, then (x/255 - mean)/std in
-    float32. Flipping after resizing is torchvision's order (RandomResizedCrop, then
-    RandomHorizontalFlip), so replay equals that pipeline bit for bit; at the native size the
-    cifar recipe gives exactly the padded random crop."""
+    Integer crop (zero padding outside the image), antialiased bilinear (or bicubic) resize only
+    when the crop is not already size x size, horizontal flip if params[4] > 0.5, then
+    (x/255 - mean)/std in float32. Flipping after resizing is torchvision's order
+    (RandomResizedCrop, then RandomHorizontalFlip). The resize is `resample.resample`: torchvision's
+    `resized_crop(..., antialias=True)` as PyTorch's portable build computes it, the same numbers on
+    every CPU and device; at the native size the cifar recipe gives exactly the padded random crop.
+    It is `render_batch` of one image, so the two can never disagree."""
     if image.dim() != 3:
         raise KDCacheError(f"render expects one image [C, H, W], got shape {tuple(image.shape)}",
                            fix="use render_batch for [B, C, H, W]")
-    C, H, W = image.shape
-    top, left, h, w, flip = (t[0] for t in _int_boxes(torch.as_tensor(params), H, W))
-    top, left, h, w = int(top), int(left), int(h), int(w)
-    y0, y1 = max(top, 0), min(top + h, H)
-    x0, x1 = max(left, 0), min(left + w, W)
-    if (y0, x0, y1, x1) == (top, left, top + h, left + w):
-        crop = image[:, top:top + h, left:left + w]
-    else:
-        crop = torch.zeros((C, h, w), dtype=image.dtype, device=image.device)
-        if y1 > y0 and x1 > x0:
-            crop[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
-    x = _resize(crop.to(torch.float32).contiguous()[None], size, interpolation)[0]
-    if bool(flip):
-        x = x.flip(-1)
-    return _norm(x.contiguous(), mean, std) if normalize else x.contiguous()
+    return render_batch(image[None], torch.as_tensor(params).reshape(1, -1), size, mean, std, interpolation,
+                        normalize)[0]
 
 
 def render_batch(images: torch.Tensor, params: torch.Tensor, size: int, mean, std,
-                 interpolation: str = "bilinear", normalize: bool = True) -> torch.Tensor:
-    """uint8 [B, C, H, W] (one source size) -> float32 [B, C, size, size], equal to `render` on
-    each sample, bit for bit. Works on any device: crops are gathered with one flat index per
-    group (zero padding by masking), samples whose crops share a size are resized in one call
-    (all of them for the cifar recipe), flips are one indexed copy."""
+                 interpolation="bilinear", normalize: bool = True) -> torch.Tensor:
+    """uint8 [B, C, H, W] (one source size) -> float32 [B, C, size, size]: `render` of each row.
+    Works on any device, with no loop over rows or crop sizes: when every crop is already size x
+    size (the cifar recipe at its native size) the crops are one gather (zero padding by masking)
+    and the flips one indexed copy; otherwise the whole batch, crop boxes of any sizes, flips and
+    per-row interpolation (`interpolation`: a name, or one bicubic flag per row) included, is one
+    `resample` call."""
     if images.dim() != 4:
         raise KDCacheError(f"render_batch expects images [B, C, H, W], got shape {tuple(images.shape)}")
     B, C, H, W = images.shape
     params = torch.as_tensor(params)
     if params.shape[0] != B:
         raise KDCacheError(f"render_batch: {B} images but {params.shape[0]} param rows")
+    cubic = _bicubic_rows(interpolation, B)
     top, left, h, w, flip = _int_boxes(params, H, W)
-    dev = images.device
-    flat = images.contiguous().reshape(-1)
-    chan = torch.arange(C)[None, :, None, None] * (H * W)
-    groups = h * (int(w.max()) + 1 if B else 1) + w
-    keys, counts = torch.unique(groups, return_counts=True)
-    out = None if len(keys) == 1 else torch.empty((B, C, size, size), dtype=torch.float32, device=dev)
-    inside = ((top >= 0) & (left >= 0) & (top + h <= H) & (left + w <= W)).tolist()
-    tl, ll, hl, wl = top.tolist(), left.tolist(), h.tolist(), w.tolist()
-    order = torch.argsort(groups, stable=True)
-    start = 0
-    for count in counts.tolist():
-        idx = order[start:start + count]
-        start += count
-        i0 = int(idx[0])
-        gh, gw = hl[i0], wl[i0]
-        if count == 1 and inside[i0]:  # a crop size of its own (rrc): a slice, no index arithmetic
-            t, l = tl[i0], ll[i0]
-            crop = _resize(images[i0:i0 + 1, :, t:t + gh, l:l + gw].to(torch.float32), size, interpolation)
-            if out is None:
-                out = crop.contiguous()
-            else:
-                out[i0:i0 + 1] = crop
-            continue
-        ys = top[idx, None] + torch.arange(gh)  # [G, gh]
-        xs = left[idx, None] + torch.arange(gw)  # [G, gw]
-        vy, vx = (ys >= 0) & (ys < H), (xs >= 0) & (xs < W)
-        lin = (idx[:, None, None, None] * (C * H * W) + chan
-               + (ys.clamp(0, H - 1) * W)[:, None, :, None] + xs.clamp(0, W - 1)[:, None, None, :])
-        crop = torch.gather(flat, 0, lin.reshape(-1).to(dev)).reshape(len(idx), C, gh, gw)
-        if not (bool(vy.all()) and bool(vx.all())):  # zero padding
-            crop.masked_fill_(~(vy[:, :, None] & vx[:, None, :]).to(dev)[:, None], 0)
-        crop = _resize(crop.to(torch.float32), size, interpolation)
-        if out is None:  # one crop size (cifar recipe): no scatter needed
-            out = crop
-        else:
-            out[idx.to(dev)] = crop
-    if bool(flip.any()):
-        fi = torch.nonzero(flip).flatten().to(dev)
-        out[fi] = out[fi].flip(-1)
+    if B == 0:
+        return torch.empty((0, C, size, size), dtype=torch.float32, device=images.device)
+    if bool((h == size).all()) and bool((w == size).all()):
+        out = _crops(images, top, left, size)
+        if bool(flip.any()):
+            fi = torch.nonzero(flip).flatten().to(images.device)
+            out[fi] = out[fi].flip(-1)
+    else:
+        out = resample(images, top.numpy(), left.numpy(), h.numpy(), w.numpy(), size, cubic, flip.numpy())
     return _norm(out, mean, std) if normalize else out
+
+
+def _crops(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
+    """float32 [B, C, size, size]: the size x size crop at (top, left) of each row, zero outside the
+    image, gathered with one flat index."""
+    B, C, H, W = images.shape
+    dev = images.device
+    ys = top[:, None] + torch.arange(size)  # [B, size]
+    xs = left[:, None] + torch.arange(size)
+    vy, vx = (ys >= 0) & (ys < H), (xs >= 0) & (xs < W)
+    lin = (torch.arange(B)[:, None, None, None] * (C * H * W) + torch.arange(C)[None, :, None, None] * (H * W)
+           + (ys.clamp(0, H - 1) * W)[:, None, :, None] + xs.clamp(0, W - 1)[:, None, None, :])
+    crop = torch.gather(images.contiguous().reshape(-1), 0, lin.reshape(-1).to(dev)).reshape(B, C, size, size)
+    if not (bool(vy.all()) and bool(vx.all())):  # zero padding
+        crop.masked_fill_(~(vy[:, :, None] & vx[:, None, :]).to(dev)[:, None], 0)
+    return crop.to(torch.float32)

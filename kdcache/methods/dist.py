@@ -12,6 +12,8 @@ vectors, invariant to positive affine maps) between student and teacher predicti
 
 Defaults beta = gamma = T = 1, weights 1 (the paper's ImageNet setting, as in the OFA-KD code).
 With a batch of one the intra term is a constant 1 (a centred single value is zero): no gradient.
+Under torchrun (DDP) the intra-class correlations are taken over each rank's own batch (global
+batch / world size), not the global batch; the inter-class term is per sample and unaffected.
 
 Labels: int64 (B,) or soft (B, C) targets; only `CE_ls` reads them (soft-target CE for soft labels,
 as the OFA-KD criterion, distillers/dist.py line 21). Both relation terms, the intra-class one

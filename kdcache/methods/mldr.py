@@ -8,6 +8,8 @@ Two parts (docs/methods.md, "mldr"):
   each relation is softmaxed over its rows and L_cls / L_smp are the mean over all rows (B*C and
   C*B) of KL(teacher row || student row); L_prob = KL(p_t || p_s), batch mean, no T^2. The sample
   relation couples the whole batch, so DFRA must see the teacher logits of the same batch.
+  Under torchrun (DDP) the sample relations are taken over each rank's own batch (global batch /
+  world size), not the global batch.
 - MSDF: per stage i, OFA's projector up to the pooled descriptor d_i (CNN students: the SepConv
   stack, width max(D_s, D_t); ViT/MLP/Swin students: the token projector, width D_s), then
   Linear(-> C) stage logits z_i; a gate per stage (B x C), g_i = Linear(h -> C)(GELU(Linear(W -> h)(d_i))),

@@ -39,6 +39,9 @@ Notes and choices:
 - [decide] A batch of one has no batch statistics (the official BatchNorm1d would raise in
   training): `loss_rsd` is then 0, with no gradient, and the projector is skipped. The trainer keeps
   a last short batch, so this can happen when the training set size is 1 mod the batch size.
+- Under torchrun (DDP) the batch standardisation, the cross-correlation C and the projector's
+  BatchNorm1d use each rank's own batch (global batch / world size), not the global batch
+  (`--sync-bn` on GPUs syncs the BatchNorm1d only).
 - Labels: int64 (B,) or soft (B, C) targets (mixed and smoothed by the trainer). As the official
   criterion, which becomes timm's soft-target CE when mixup/cutmix is on (its vit_mlp configs),
   `loss_ce` is `CE_ls` on the labels as given: label-smoothed CE for class indices, soft-target CE

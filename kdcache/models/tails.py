@@ -42,6 +42,7 @@ from torch import nn
 
 from kdcache.errors import KDCacheError
 from kdcache.files import atomic_write
+from kdcache.locations import is_url
 from kdcache.models.registry import MODELS, TapModel, build_model
 
 FORMAT = "kdcache-tail"
@@ -157,7 +158,7 @@ def tail_of(model: TapModel) -> Tail:
     return Tail(model.net, kind, parts, tap)
 
 
-def save_tail(model: TapModel, num_classes: int, path: str | Path) -> Path:
+def save_tail(model: TapModel, num_classes: int, path: str | Path) -> str | Path:
     """Write the model's tail weights to `path` (safetensors) with what `load_tail` needs to rebuild it."""
     from safetensors.torch import save_file
 
@@ -170,8 +171,9 @@ def save_tail(model: TapModel, num_classes: int, path: str | Path) -> Path:
         "timm_kwargs": json.dumps(spec.kwargs, sort_keys=True, default=str),
         "parts": json.dumps(tail.part_names), "tap": json.dumps(tail.tap),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_url(path):  # a URL (a store at s3://...) stays a string: atomic_write uploads it
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 

@@ -17,22 +17,22 @@ Every problem is a `Damage`: the file or folder, one line saying what is wrong w
 - MANUAL: the store's own zarr.json (dataset, recipe, views): nothing is left to repair from.
 
 The functions take a `Store` / `TeacherCache` (store.py) and only read through their attributes, so
-this module imports neither.
+this module imports neither. Locations may be local paths or URLs (kdcache/locations.py): which chunks
+exist is listed through zarr's store API (`present_chunks`), one listing per array, never by looking
+at local files.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdcache.files import atomic_write, file_sha256
+from kdcache.files import file_sha256
+from kdcache.locations import Location, is_dir, is_file, join, parent_of, read_bytes, remove, write_bytes
 from kdcache.store.schema import DONE, GROUP_META, META_FILE, TAIL_FILE, VIEW_ARRAYS
 
 REWRITE, UNMARK, DROP, DELETE_TEACHER, RETAIL, GONE, MANUAL = (
@@ -51,12 +51,12 @@ REPAIR_STEP = {
 class Damage:
     """One damaged file or folder: `text` says what is wrong and names it; `kind` is the repair."""
 
-    path: Path
+    path: Location
     text: str
     kind: str
     teacher: str | None = None
     meta: dict[str, Any] | None = None  # REWRITE: the document written to `path`
-    remove: tuple[Path, ...] = ()  # files or folders the repair deletes
+    remove: tuple[Location, ...] = ()  # files or folders the repair deletes
     read_ok: bool = True  # False: the node's metadata is unusable, its chunks were not read
 
     @property
@@ -73,12 +73,12 @@ class Scan:
 
 
 # ------------------------------------------------------------------------------------ metadata
-def read_meta(path: Path, node_type: str) -> tuple[dict[str, Any] | None, str | None]:
+def read_meta(path: Location, node_type: str) -> tuple[dict[str, Any] | None, str | None]:
     """A node's zarr.json parsed, or (None, what is wrong with it)."""
-    if not path.parent.is_dir():
+    if not is_dir(parent_of(path)):
         return None, "is missing (its folder was deleted)"
     try:
-        text = path.read_bytes()
+        text = read_bytes(path)
     except FileNotFoundError:
         return None, "is missing"
     except OSError as exc:
@@ -96,9 +96,13 @@ def read_meta(path: Path, node_type: str) -> tuple[dict[str, Any] | None, str | 
     return doc, None
 
 
-def array_record(path: Path) -> dict[str, Any]:
+def array_record(path: Location) -> dict[str, Any]:
     """What is recorded of a freshly created array: its zarr.json without the attributes."""
-    doc = json.loads((path / META_FILE).read_text())
+    return record_of(json.loads(read_bytes(join(path, META_FILE))))
+
+
+def record_of(doc: dict[str, Any]) -> dict[str, Any]:
+    """An array's zarr.json document as recorded: without its attributes."""
     return {k: v for k, v in doc.items() if k != "attributes"}
 
 
@@ -117,12 +121,12 @@ def differs(found: dict[str, Any], recorded: dict[str, Any]) -> str | None:
     return None
 
 
-def node_damage(path: Path, node_type: str, recorded: dict[str, Any] | None, teacher: str | None,
-                unrecorded: str, remove: tuple[Path, ...] = ()) -> Damage | None:
+def node_damage(path: Location, node_type: str, recorded: dict[str, Any] | None, teacher: str | None,
+                unrecorded: str, remove: tuple[Location, ...] = ()) -> Damage | None:
     """Check one node's zarr.json: parsable, of its node type and equal to the record. Intermediate
     groups are rewritten from their fixed document; arrays from their record (or, without one, the
     `unrecorded` repair applies)."""
-    file = path / META_FILE
+    file = join(path, META_FILE)
     doc, problem = read_meta(file, node_type)
     if problem is None and recorded is not None:
         problem = differs(doc, recorded)
@@ -144,8 +148,30 @@ def chunk_coords(shape: tuple[int, ...], chunks: tuple[int, ...]):
         yield coords, tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, chunks, shape))
 
 
-def chunk_file(base: Path, coords: tuple[int, ...]) -> Path:
-    return base / "c" / Path(*map(str, coords)) if coords else base / "c"
+def chunk_file(base: Location, coords: tuple[int, ...]) -> Location:
+    return join(base, "c", *map(str, coords))
+
+
+def present_chunks(arr) -> set[tuple[int, ...]]:
+    """The coordinates of the chunks of a zarr array that exist, listed through zarr's store API in
+    one listing (a LIST request on an object store, a folder walk locally)."""
+    from zarr.core.sync import sync
+
+    store, prefix = arr.store_path.store, arr.store_path.path
+    fs = getattr(store, "fs", None)
+    if fs is not None:  # an fsspec store: other processes write it, so drop any cached listing
+        fs.invalidate_cache()
+    head = f"{prefix}/c/" if prefix else "c/"
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list_prefix(head)]
+
+    out = set()
+    for key in sync(keys()):
+        parts = key[len(head):].split("/") if key.startswith(head) else []
+        if len(parts) == arr.ndim and all(p.isdigit() for p in parts):
+            out.add(tuple(int(p) for p in parts))
+    return out
 
 
 def read_problem(exc: BaseException) -> str:
@@ -166,11 +192,12 @@ def view_chunk_damage(store, read: bool = True, names: tuple[str, ...] = VIEW_AR
     scan = Scan()
     for name in names:
         arr = store.array(name)
-        base = store.path / name
+        base = join(store.path, name)
+        present = present_chunks(arr)
         for coords, sel in chunk_coords(arr.shape, arr.chunks):
             file = chunk_file(base, coords)
             label = where(sel, arr.ndim > 1)
-            if not file.is_file():
+            if coords not in present:
                 scan.damage.append(Damage(file, f"missing chunk {file} ({label}): zarr would read zeros",
                                           DROP))
                 continue
@@ -192,16 +219,17 @@ def target_chunk_damage(cache, names: tuple[str, ...], done: np.ndarray, read: b
     bn = cache.block_n
     for name in names:
         arr = cache.array(name)
-        base = cache.path / name
+        base = join(cache.path, name)
+        present = present_chunks(arr)
         for coords, sel in chunk_coords(arr.shape, arr.chunks):
             v, a = coords[0], sel[1].start
             j = a // bn
             if not done[v, j] or (only is not None and (v, coords[1]) not in only):
                 continue  # not claimed: the extract command writes it
             file = chunk_file(base, coords)
-            mark = (cache.path / DONE / "c" / str(v) / str(j),)
+            mark = (chunk_file(join(cache.path, DONE), (v, j)),)
             label = where(sel, True)
-            if not file.is_file():
+            if coords not in present:
                 scan.damage.append(Damage(file, f"missing chunk {file} ({label}): its block is marked done, so "
                                                 "zarr would read NaN", UNMARK, cache.alias, remove=mark))
                 continue
@@ -219,10 +247,11 @@ def done_chunk_damage(cache) -> Scan:
     """Done marks that exist but cannot be read (they count as not done; the repair deletes them)."""
     scan = Scan()
     arr = cache.array(DONE)
-    base = cache.path / DONE
+    base = join(cache.path, DONE)
+    present = present_chunks(arr)
     for coords, sel in chunk_coords(arr.shape, arr.chunks):
         file = chunk_file(base, coords)
-        if not file.is_file():
+        if coords not in present:
             continue
         scan.chunks_checked += 1
         try:
@@ -236,9 +265,9 @@ def done_chunk_damage(cache) -> Scan:
 
 def tail_damage(cache) -> Damage | None:
     """The frozen teacher tail against the sha256 recorded when extract wrote it."""
-    path = cache.path / TAIL_FILE
+    path = join(cache.path, TAIL_FILE)
     recorded = cache.attrs.tail_sha256
-    if not path.is_file():
+    if not is_file(path):
         if recorded:
             return Damage(path, f"{path} is missing (extract wrote it, sha256 {recorded[:12]}...)", RETAIL,
                           cache.alias)
@@ -259,7 +288,7 @@ def scan_teacher(cache, read: bool = True) -> Scan:
     scan = Scan()
     meta = cache.metadata_damage()
     scan.damage += meta
-    bad = {name for name in cache.array_names if cache.path / name / META_FILE in {d.path for d in meta}}
+    bad = {name for name in cache.array_names if join(cache.path, name, META_FILE) in {d.path for d in meta}}
     if DONE not in bad:  # without readable done marks, nothing says which blocks must be there
         if read:
             marks = done_chunk_damage(cache)
@@ -282,7 +311,7 @@ def scan_store(store, teachers: list[str] | None = None, read: bool = True,
     views = Scan()
     meta = store.metadata_damage()
     views.damage += meta
-    bad = {name for name in VIEW_ARRAYS if (store.path / name / META_FILE) in {d.path for d in meta}}
+    bad = {name for name in VIEW_ARRAYS if join(store.path, name, META_FILE) in {d.path for d in meta}}
     read_views = read if read_views is None else read_views
     chunks = view_chunk_damage(store, read_views, tuple(n for n in VIEW_ARRAYS if n not in bad))
     views.damage += chunks.damage
@@ -305,19 +334,13 @@ def repair(damage: list[Damage]) -> list[str]:
         if not d.repairable:
             continue
         if d.meta is not None:
-            text = json.dumps(d.meta, indent=2).encode()
-            d.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(d.path, lambda tmp: Path(tmp).write_bytes(text))
+            write_bytes(d.path, json.dumps(d.meta, indent=2).encode())  # atomic, folders made as needed
             done_lines.append(f"rewrote {d.path} from the recorded metadata")
         for p in d.remove:
             if p in seen:
                 continue
             seen.add(p)
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                os.unlink(p)
-            else:
+            if not remove(p):
                 continue
             if d.kind == UNMARK:
                 done_lines.append(f"cleared done mark {p} (block of {d.path})")

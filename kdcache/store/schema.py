@@ -22,11 +22,13 @@ with that record, so an edited dtype, shape or codec is named instead of decoded
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdcache.errors import KDCacheError
+from kdcache.locations import Location, folders_in, join, location, name_of, parent_of
 
 SCHEMA_VERSION = 2
 """2: `views/params[V, N, P]` holds the recipe's columns (`param_names`: 5 crop/flip columns, or the
@@ -60,22 +62,23 @@ def teacher_group(alias: str) -> str:
     return f"{TEACHERS}/{alias}"
 
 
-def store_path(root: str | Path, dataset: str, split: str = "train", subset: int | None = None) -> Path:
+def store_path(root: str | Path, dataset: str, split: str = "train", subset: int | None = None) -> Location:
     """`<root>/<dataset>/<split>.zarr`, or `<split>-n<subset>.zarr` for a stratified subset: stores
-    are keyed by what fingerprints them, so a subset and the full set live side by side."""
-    return Path(root) / dataset / (f"{split}-n{subset}.zarr" if subset else f"{split}.zarr")
+    are keyed by what fingerprints them, so a subset and the full set live side by side. A URL root
+    (`s3://bucket/cache`) gives a URL string, a local root a Path (kdcache/locations.py)."""
+    return join(location(root), dataset, f"{split}-n{subset}.zarr" if subset else f"{split}.zarr")
 
 
 def stores_beside(path: str | Path) -> list[str]:
     """The other stores of the same dataset folder, each with the flag that selects it
     (`train-n10000.zarr (--subset 10000)`), for messages about a store that is not there."""
-    path = Path(path)
-    split = path.name.split("-n")[0].removesuffix(".zarr")
+    path = location(path)
+    split = name_of(path).split("-n")[0].removesuffix(".zarr")
     out = []
-    for other in sorted(path.parent.glob(f"{split}*.zarr")) if path.parent.is_dir() else []:
-        if other != path:
-            sub = other.name.removesuffix(".zarr").partition("-n")[2]
-            out.append(f"{other.name} ({'--subset ' + sub if sub else 'no --subset'})")
+    for other in folders_in(parent_of(path)):
+        if other != name_of(path) and fnmatch.fnmatchcase(other, f"{split}*.zarr"):
+            sub = other.removesuffix(".zarr").partition("-n")[2]
+            out.append(f"{other} ({'--subset ' + sub if sub else 'no --subset'})")
     return out
 
 
@@ -129,10 +132,9 @@ def check_schema_version(block: dict[str, Any], path: str | Path) -> None:
     """Refuse a store written with another layout, naming the command that rebuilds it."""
     have, fp = block.get("schema_version", 1), block.get("fingerprint") or {}
     if have != SCHEMA_VERSION:
-        path = Path(path)
-        sub = f" --subset {fp['n']}" if "-n" in path.name else ""
-        folder = path / TEACHERS
-        names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        path = location(path)
+        sub = f" --subset {fp['n']}" if "-n" in name_of(path) else ""
+        names = folders_in(join(path, TEACHERS))
         teacher = names[0] if len(names) == 1 else "TEACHER" + (f" (each of {', '.join(names)})" if names else "")
         raise KDCacheError(
             f"store {path} has schema {have}, this kdcache reads schema {SCHEMA_VERSION} "
@@ -140,7 +142,7 @@ def check_schema_version(block: dict[str, Any], path: str | Path) -> None:
             fix=f"delete {path} and re-extract: kdcache extract --teacher {teacher} --dataset "
                 f"{fp.get('name', 'DATASET')}{sub} --recipe {block.get('recipe', 'RECIPE')} --views "
                 f"{block.get('num_views', 'V')} --view-seed {block.get('view_seed', block.get('global_seed', 0))} "
-                f"--store-root {path.parent.parent}")
+                f"--store-root {parent_of(parent_of(path))}")
 
 
 def jsonable(v: Any) -> Any:

@@ -1,9 +1,16 @@
 """Opening, creating and checking a cache store; per-teacher writer and reader.
 
-The store is created atomically (built in a temporary directory, then renamed into place), so
-several extract processes starting at once agree on one view table. Teacher arrays are written in
-blocks (one view x `block_n` samples, aligned to chunks); a block's completion mark is written only
-after all its arrays, so a killed run redoes partial blocks and never skips them.
+A local store is created atomically (built in a temporary directory, then renamed into place), so
+several extract processes starting at once agree on one view table. A store at a URL (s3://...:
+kdcache/locations.py) has no rename and no locks: its zarr.json, holding the settings and the
+metadata every array will have, is written first with a conditional create (one writer wins; a
+writer with other settings is refused before it writes anything), then every writer with the same
+settings writes whatever arrays and chunks are still missing, which are the same bytes whoever
+writes them. Teacher groups are created the same way (locally: under a lock beside the store).
+
+Teacher arrays are written in blocks (one view x `block_n` samples, aligned to chunks); a block's
+completion mark is written only after all its arrays, so a killed run redoes partial blocks and
+never skips them.
 
 Nothing damaged is used silently: opening a store or a teacher compares every zarr.json with the
 metadata recorded at creation (integrity.py), reads name the chunk that fails its checksum or is
@@ -15,24 +22,27 @@ extract command (`Store.extract_command`), which rewrites exactly what was lost.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import KDCacheError
-from kdcache.files import file_sha256, locked
+from kdcache.files import checked_local_copy, file_sha256, locked
+from kdcache.locations import (Location, beside, create_if_absent, exists, folders_in, holds_files, is_dir, is_file,
+                               is_url, join, location, name_of, parent_of, remove)
 from kdcache.store.integrity import (DELETE_TEACHER, GONE, MANUAL, REPAIR_STEP, Damage, array_record, chunk_coords,
-                                     chunk_file, node_damage, read_meta, tail_damage, target_chunk_damage,
-                                     view_chunk_damage)
-from kdcache.store.schema import (ATTRS_KEY, DONE, EMBED, KEY_HASH, LABELS, LOGITS, LOGITS_IDS, LOGITS_LSE,
-                                  LOGITS_VALS, META_FILE, STAGES_GROUP, STORE_GROUPS, TAIL_FILE, TEACHERS,
+                                     node_damage, present_chunks, read_meta, record_of, tail_damage,
+                                     target_chunk_damage, view_chunk_damage)
+from kdcache.store.schema import (ATTRS_KEY, DONE, EMBED, GROUP_META, KEY_HASH, LABELS, LOGITS, LOGITS_IDS,
+                                  LOGITS_LSE, LOGITS_VALS, META_FILE, STAGES_GROUP, STORE_GROUPS, TAIL_FILE, TEACHERS,
                                   VIEW_ARRAYS, VIEW_PARAMS, VIEW_SEEDS, StoreAttrs, TeacherAttrs, check_schema_version,
                                   from_attrs, jsonable, stage_array, stores_beside, teacher_group, to_attrs)
 
@@ -51,11 +61,43 @@ def _fix_extract(dataset: str, teacher: str = "TEACHER") -> str:
     return f"kdcache extract --teacher {teacher} --dataset {dataset}"
 
 
-def _looks_like_store(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in (TEACHERS, *STORE_GROUPS))
+def _looks_like_store(path: Location) -> bool:
+    return is_dir(path) and any(exists(join(path, name)) for name in (TEACHERS, *STORE_GROUPS))
 
 
-def read_record(file: Path, cls: type, before=None) -> tuple[Any, str | None]:
+def _zarr_location(path: Location) -> Any:
+    """What zarr opens: a local path as it is, a URL as its string (zarr's fsspec store)."""
+    return path if isinstance(path, Path) else str(path)
+
+
+def memory_records(make: Callable[[zarr.Group], None], names: tuple[str, ...]) -> dict[str, Any]:
+    """The metadata arrays will have once `make` creates them: `make` runs on an in-memory group (no
+    chunk is written) and each array's zarr.json is recorded. A store at a URL writes these records
+    before the arrays exist, so the settings and the shapes are claimed in one conditional write."""
+    from zarr.storage import MemoryStore
+
+    docs: dict[str, Any] = {}
+    make(zarr.open_group(MemoryStore(docs), mode="w"))
+    return {name: record_of(json.loads(docs[f"{name}/{META_FILE}"].to_bytes())) for name in names}
+
+
+def group_doc(attrs: Any | None = None) -> bytes:
+    """A group's zarr.json, byte for byte as zarr writes it, with `attrs` as its kdcache block."""
+    attributes = {ATTRS_KEY: to_attrs(attrs)} if attrs is not None else {}
+    return json.dumps({**GROUP_META, "attributes": attributes}, indent=2).encode()
+
+
+def _missing_ok(create: Callable[[], Any]) -> None:
+    """Create a zarr node unless a writer racing this one has just created it (the same bytes)."""
+    from zarr.errors import ContainsArrayError, ContainsGroupError
+
+    try:
+        create()
+    except (ContainsArrayError, ContainsGroupError):
+        pass
+
+
+def read_record(file: Location, cls: type, before=None) -> tuple[Any, str | None]:
     """The kdcache attrs record (`cls`) of a group's zarr.json, or (None, what is wrong with it)."""
     doc, problem = read_meta(file, "group")
     block = (doc.get("attributes") or {}).get(ATTRS_KEY) if doc is not None else None
@@ -75,7 +117,7 @@ class Store:
     """One dataset split's cache: the view table plus any number of teachers' targets."""
 
     def __init__(self, path: str | Path, group: zarr.Group, attrs: StoreAttrs | None = None):
-        self.path = Path(path)
+        self.path: Location = location(path)
         self.group = group
         self.attrs: StoreAttrs = attrs if attrs is not None else from_attrs(StoreAttrs, group.attrs[ATTRS_KEY])
         self.known: dict[str, TeacherAttrs] = {}  # teachers' attrs as opened: fix commands survive their loss
@@ -85,34 +127,34 @@ class Store:
     def open(cls, path: str | Path, mode: str = "r", check: bool = True) -> "Store":
         """Open a store; with `check`, a zarr.json that is damaged or differs from the recorded
         metadata is an error naming it (`check=False`: for verify and info, which list damage)."""
-        path = Path(path)
-        if not (path / META_FILE).is_file() and not _looks_like_store(path):
-            beside = stores_beside(path)
-            raise KDCacheError(f"no kdcache store at {path}" + (f"; beside it: {', '.join(beside)}" if beside else ""),
+        path = location(path)
+        if not is_file(join(path, META_FILE)) and not _looks_like_store(path):
+            others = stores_beside(path)
+            raise KDCacheError(f"no kdcache store at {path}" + (f"; beside it: {', '.join(others)}" if others else ""),
                                expected="a directory written by `kdcache extract`",
-                               fix=("pass the flag of the store you mean, or " if beside else "")
-                               + f"{_fix_extract(path.parent.name)}  (or pass the right --store-root)")
+                               fix=("pass the flag of the store you mean, or " if others else "")
+                               + f"{_fix_extract(name_of(parent_of(path)))}  (or pass the right --store-root)")
         attrs = cls._read_attrs(path)
         try:
-            group = zarr.open_group(path, mode=mode)
+            group = zarr.open_group(_zarr_location(path), mode=mode)
         except Exception as exc:  # noqa: BLE001 - whatever zarr raises, the store is unreadable
             raise KDCacheError(f"{path} is not a readable kdcache store ({type(exc).__name__}: {exc})",
-                               fix=f"delete it and run {_fix_extract(path.parent.name)} again") from exc
+                               fix=f"delete it and run {_fix_extract(name_of(parent_of(path)))} again") from exc
         store = cls(path, group, attrs)
         if check:
             store.raise_damage(store.metadata_damage())
         return store
 
     @staticmethod
-    def _read_attrs(path: Path) -> StoreAttrs:
-        file = path / META_FILE
+    def _read_attrs(path: Location) -> StoreAttrs:
+        file = join(path, META_FILE)
         record, problem = read_record(file, StoreAttrs, before=lambda block: check_schema_version(block, path))
         if record is not None:
             return record
         raise KDCacheError(
             f"{file} {problem}: the store's own description (dataset, recipe, view seed) is lost",
-            fix=f"delete {path} and run the extract command again ({_fix_extract(path.parent.name)} "
-                f"--store-root {path.parent.parent} with the options that made it)")
+            fix=f"delete {path} and run the extract command again ({_fix_extract(name_of(parent_of(path)))} "
+                f"--store-root {parent_of(parent_of(path))} with the options that made it)")
 
     @classmethod
     def create_or_open(cls, path: str | Path, attrs: StoreAttrs, labels: np.ndarray,
@@ -123,7 +165,11 @@ class Store:
         difference is an error naming both sides (never a silent overwrite). Chunk files of the
         view table that are missing (deleted by `kdcache verify --repair` because they were damaged)
         are rewritten from the tables given, which are the store's by that check."""
-        path = Path(path)
+        path = location(path)
+        tables = {LABELS: labels.astype(np.int64), KEY_HASH: key_hash.astype(np.uint64),
+                  VIEW_SEEDS: seeds.astype(np.uint64), VIEW_PARAMS: params.astype(np.float32)}
+        if is_url(path):
+            return cls._create_or_open_url(path, attrs, tables)
         if not path.exists():
             tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -137,38 +183,81 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
         store = cls.open(path, mode="a")
         store.check_matches(attrs)
-        store.restore_views({LABELS: labels.astype(np.int64), KEY_HASH: key_hash.astype(np.uint64),
-                             VIEW_SEEDS: seeds.astype(np.uint64), VIEW_PARAMS: params.astype(np.float32)})
+        store.restore_views(tables)
+        return store
+
+    @classmethod
+    def _create_or_open_url(cls, path: str, attrs: StoreAttrs, tables: dict[str, np.ndarray]) -> "Store":
+        """Creation without locks or renames (an object store). The store's zarr.json, with the
+        settings and the metadata of the view arrays, is the claim: written only if absent, in one
+        conditional PUT. A writer with other settings loses and is refused having written nothing;
+        writers with the same settings then write the arrays and chunks still missing, the same
+        bytes whoever writes them (a killed creation is finished by the next one)."""
+        existed = is_file(join(path, META_FILE))
+        if not existed:
+            n, v, p = len(tables[LABELS]), attrs.num_views, tables[VIEW_PARAMS].shape[2]
+            records = memory_records(lambda g: cls._make_view_arrays(g, attrs, n, v, p), VIEW_ARRAYS)
+            existed = not create_if_absent(join(path, META_FILE), group_doc(dataclasses.replace(attrs, arrays=records)))
+        store = cls.open(path, mode="a", check=False)
+        store.check_matches(attrs)  # before anything of this writer is written
+        have = store.attrs
+        if any(not is_file(join(path, name, META_FILE)) for name in VIEW_ARRAYS):
+            cls._make_view_arrays(store.group, have, store.num_samples, have.num_views, len(have.param_names),
+                                  only_missing=True)
+        store.raise_damage(store.metadata_damage())
+        store.restore_views(tables, say=existed)
         return store
 
     @staticmethod
-    def _write_views(path: Path, attrs: StoreAttrs, labels, key_hash, seeds, params) -> None:
-        group = zarr.open_group(path, mode="w")
-        n = len(labels)
+    def _make_view_arrays(group: zarr.Group, attrs: StoreAttrs, n: int, views: int, p: int,
+                          only_missing: bool = False) -> dict[str, zarr.Array]:
+        """Create the view-table arrays (no chunk written): the one definition of their metadata."""
         bn = min(attrs.block_n, n)
-        common = dict(compressors=CHECKSUM, config=ALL_CHUNKS)
-        group.create_array(LABELS, data=labels.astype(np.int64), chunks=(n,), **common)
-        group.create_array(KEY_HASH, data=key_hash.astype(np.uint64), chunks=(n,), **common)
-        group.create_array(VIEW_SEEDS, data=seeds.astype(np.uint64), chunks=(1, bn), **common)
-        group.create_array(VIEW_PARAMS, data=params.astype(np.float32), chunks=(1, bn, params.shape[2]), **common)
+        shapes = {LABELS: ((n,), np.int64, (n,)), KEY_HASH: ((n,), np.uint64, (n,)),
+                  VIEW_SEEDS: ((views, n), np.uint64, (1, bn)), VIEW_PARAMS: ((views, n, p), np.float32, (1, bn, p))}
+        out = {}
+        for name, (shape, dtype, chunks) in shapes.items():
+            def create(name=name, shape=shape, dtype=dtype, chunks=chunks):
+                out[name] = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=CHECKSUM,
+                                               config=ALL_CHUNKS)
+            _missing_ok(create) if only_missing else create()
+        return out
+
+    @classmethod
+    def _write_views(cls, path: Path, attrs: StoreAttrs, labels, key_hash, seeds, params) -> None:
+        group = zarr.open_group(path, mode="w")
+        tables = {LABELS: labels.astype(np.int64), KEY_HASH: key_hash.astype(np.uint64),
+                  VIEW_SEEDS: seeds.astype(np.uint64), VIEW_PARAMS: params.astype(np.float32)}
+        for name, arr in cls._make_view_arrays(group, attrs, len(labels), seeds.shape[0], params.shape[2]).items():
+            arr[...] = tables[name]
         recorded = dataclasses.replace(attrs, arrays={name: array_record(path / name) for name in VIEW_ARRAYS})
         group.attrs[ATTRS_KEY] = to_attrs(recorded)
 
-    def restore_views(self, tables: dict[str, np.ndarray]) -> int:
-        """Write the view-table chunk files that are missing from `tables` (the same view table)."""
+    def _creation_lock(self):
+        """Locally, one creator at a time (a lock beside the store, never listed by zarr as a member);
+        at a URL no lock: creations there are conditional writes of identical bytes."""
+        from contextlib import nullcontext
+
+        return nullcontext() if is_url(self.path) else locked(beside(self.path, ".create-teacher"))
+
+    def restore_views(self, tables: dict[str, np.ndarray], say: bool = True) -> int:
+        """Write the view-table chunk files that are missing from `tables` (the same view table);
+        `say`: report it (not when this call is the one creating the store at a URL)."""
         missing = [d for d in view_chunk_damage(self, read=False).damage]
         if not missing:
             return 0
-        with locked(self.path.with_name(self.path.name + ".create-teacher")):
+        with self._creation_lock():
             restored = 0
             for name in VIEW_ARRAYS:
                 arr = self.array(name).with_config(ALL_CHUNKS)
+                present = present_chunks(arr)
                 for coords, sel in chunk_coords(arr.shape, arr.chunks):
-                    if not chunk_file(self.path / name, coords).is_file():
+                    if coords not in present:
                         arr[sel] = tables[name][sel]
                         restored += 1
-        print(f"restored {restored} missing chunk file(s) of the view table of {self.path} from the dataset and "
-              "view seed", file=sys.stderr)
+        if say:
+            print(f"restored {restored} missing chunk file(s) of the view table of {self.path} from the dataset "
+                  "and view seed", file=sys.stderr)
         return restored
 
     def check_matches(self, want: StoreAttrs) -> None:
@@ -194,10 +283,10 @@ class Store:
     # ---------------------------------------------------------------- damage
     def metadata_damage(self) -> list[Damage]:
         """The view table's zarr.json files (and the intermediate groups) against the record."""
-        groups = [*STORE_GROUPS, *([TEACHERS] if (self.path / TEACHERS).is_dir() else [])]
-        found = [node_damage(self.path / g, "group", None, None, MANUAL) for g in groups]
-        found += [node_damage(self.path / name, "array", self.attrs.arrays.get(name) if self.attrs.arrays else None,
-                              None, MANUAL) for name in VIEW_ARRAYS]
+        groups = [*STORE_GROUPS, *([TEACHERS] if is_dir(join(self.path, TEACHERS)) else [])]
+        found = [node_damage(join(self.path, g), "group", None, None, MANUAL) for g in groups]
+        found += [node_damage(join(self.path, name), "array", self.attrs.arrays.get(name) if self.attrs.arrays
+                              else None, None, MANUAL) for name in VIEW_ARRAYS]
         return [d for d in found if d is not None]
 
     def extract_command(self, alias: str | None = None, attrs: TeacherAttrs | None = None) -> str:
@@ -224,7 +313,7 @@ class Store:
                              f"--stage-grid {attrs.stage_grid}")
             if attrs.has_tail:
                 parts.append("--methods kd,fbt")
-        parts.append(f"--store-root {self.path.parent.parent}")
+        parts.append(f"--store-root {parent_of(parent_of(self.path))}")
         text = " ".join(parts)
         return text if attrs is not None or alias is None else text + " (with the options that wrote it)"
 
@@ -259,7 +348,7 @@ class Store:
             return self.group[name]
         except Exception as exc:  # noqa: BLE001
             self.raise_damage(self.metadata_damage())
-            raise KDCacheError(f"{self.path / name} could not be opened ({type(exc).__name__}: {exc})",
+            raise KDCacheError(f"{join(self.path, name)} could not be opened ({type(exc).__name__}: {exc})",
                                fix=f"kdcache verify {self.path} --no-replay names the damage") from exc
 
     def _read_view(self, name: str, index: Any = slice(None)) -> np.ndarray:
@@ -268,7 +357,7 @@ class Store:
             out = arr.get_orthogonal_selection(index) if isinstance(index, tuple) else arr[index]
         except Exception as exc:  # noqa: BLE001 - a damaged chunk: name it
             self.raise_damage(view_chunk_damage(self, read=True, names=(name,)).damage)
-            raise KDCacheError(f"{self.path / name} could not be read ({type(exc).__name__}: {exc})",
+            raise KDCacheError(f"{join(self.path, name)} could not be read ({type(exc).__name__}: {exc})",
                                fix=f"kdcache verify {self.path} --no-replay names the damage") from exc
         self.raise_damage(view_chunk_damage(self, read=False, names=(name,)).damage)
         return out
@@ -294,19 +383,16 @@ class Store:
     def teacher_names(self) -> list[str]:
         """Every teacher folder, whether or not its metadata can be read (the filesystem decides, so
         one damaged teacher never hides the others)."""
-        root = self.path / TEACHERS
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [name for name in folders_in(join(self.path, TEACHERS)) if not name.startswith(".")]
 
     def teacher_attrs(self, alias: str) -> tuple[TeacherAttrs | None, Damage | None]:
         """A teacher's attrs, or the damage that lost them."""
-        folder = self.path / teacher_group(alias)
-        file = folder / META_FILE
+        folder = join(self.path, teacher_group(alias))
+        file = join(folder, META_FILE)
         record, problem = read_record(file, TeacherAttrs)
         if record is not None:
             return record, None
-        if not folder.is_dir():
+        if not is_dir(folder):
             return None, Damage(folder, f"{folder} was deleted while this command was using it", GONE, alias)
         return None, Damage(file, f"{file} {problem}: the teacher's attrs (checkpoint, settings) are lost",
                             DELETE_TEACHER, alias, remove=(folder,), read_ok=False)
@@ -330,13 +416,15 @@ class Store:
         return cache
 
     def _has_done_marks(self, alias: str) -> bool:
-        return any(p.is_file() for p in (self.path / teacher_group(alias) / DONE / "c").rglob("*"))
+        return holds_files(join(self.path, teacher_group(alias), DONE, "c"))
 
     def create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
         """Create the teacher's arrays (or open them when an earlier run created the same)."""
+        if is_url(self.path):
+            return self._create_teacher_url(attrs, n_views)
         # One creator at a time; others then open it. The lock sits beside the store, not in it, so
         # zarr never lists it as a member of the hierarchy.
-        with locked(self.path.with_name(self.path.name + ".create-teacher")):
+        with self._creation_lock():
             folder = self.path / teacher_group(attrs.alias)
             if folder.is_dir():
                 have, damage = self.teacher_attrs(attrs.alias)
@@ -353,26 +441,70 @@ class Store:
 
     def _create_teacher(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
         name = teacher_group(attrs.alias)
+        g = self.group.require_group(name)
+        self._make_teacher_arrays(g, attrs, n_views)
+        cache = TeacherCache(self, attrs.alias, attrs, g)
+        folder = self.path / name
+        attrs = dataclasses.replace(attrs, arrays={a: array_record(folder / a) for a in cache.array_names})
+        g.attrs[ATTRS_KEY] = to_attrs(attrs)  # last: its presence means "fully created"
+        return TeacherCache(self, attrs.alias, attrs, g)
+
+    def _create_teacher_url(self, attrs: TeacherAttrs, n_views: int) -> "TeacherCache":
+        """A teacher group at a URL, without locks: its zarr.json (the settings, and the metadata of
+        every array it will have) is written first, only if absent; a writer whose settings differ
+        is refused before it writes anything, and writers with the same settings create whatever
+        arrays are still missing from the recorded attrs (the same bytes whoever writes them)."""
+        alias, folder = attrs.alias, join(self.path, teacher_group(attrs.alias))
+        have, damage = self.teacher_attrs(alias)
+        if damage is not None and damage.kind == DELETE_TEACHER:
+            if self._has_done_marks(alias):  # blocks were written: damage, not a killed creation
+                raise self.error(damage)
+            remove(folder)  # leftovers of a group whose attrs were lost, with no block done
+        if have is None:
+            names = TeacherCache.arrays_of(attrs)
+            records = memory_records(lambda g: self._make_teacher_arrays(g.require_group("t"), attrs, n_views),
+                                     tuple(f"t/{a}" for a in names))
+            attrs = dataclasses.replace(attrs, arrays={a: records[f"t/{a}"] for a in names})
+            create_if_absent(join(self.path, TEACHERS, META_FILE), group_doc())
+            create_if_absent(join(folder, META_FILE), group_doc(attrs))
+            have, damage = self.teacher_attrs(alias)
+            if damage is not None:
+                raise self.error(damage)
+        cache = TeacherCache(self, alias, have, zarr.open_group(_zarr_location(folder), mode="a"))
+        cache.check_matches(attrs)  # before anything of this writer is written
+        if any(not is_file(join(folder, a, META_FILE)) for a in cache.array_names):
+            self._make_teacher_arrays(cache.group, have, n_views, only_missing=True)
+        self.raise_damage(cache.metadata_damage())
+        return cache
+
+    def _make_teacher_arrays(self, g: zarr.Group, attrs: TeacherAttrs, n_views: int,
+                             only_missing: bool = False) -> None:
+        """Create a teacher's arrays in group `g` (no chunk written): the one definition of their
+        metadata. `only_missing`: leave arrays that exist (a racing writer made them the same)."""
         n, bn = self.num_samples, min(self.attrs.block_n, self.num_samples)
         n_blocks = -(-n // bn)
         dtype = attrs.dtype
-        g = self.group.require_group(name)
+
+        def create(name: str, **kw: Any) -> None:
+            make = lambda: g.create_array(name, **kw)  # noqa: E731
+            _missing_ok(make) if only_missing else make()
+
         k = attrs.logits_topk
         if k:
             if not 0 < k < attrs.num_classes:
                 raise KDCacheError(f"--topk {k} must be between 1 and the number of classes - 1 ({attrs.num_classes - 1})")
             ids_dtype = "int16" if attrs.num_classes <= 32767 else "int32"
-            g.create_array(LOGITS_IDS, shape=(n_views, n, k), chunks=(1, bn, k), dtype=ids_dtype,
-                           compressors=CHECKSUM, fill_value=-1)
-            g.create_array(LOGITS_VALS, shape=(n_views, n, k), chunks=(1, bn, k), dtype=dtype,
-                           compressors=CHECKSUM, fill_value=MISSING)
-            g.create_array(LOGITS_LSE, shape=(n_views, n), chunks=(1, bn), dtype="float32",
-                           compressors=CHECKSUM, fill_value=MISSING)
+            create(LOGITS_IDS, shape=(n_views, n, k), chunks=(1, bn, k), dtype=ids_dtype,
+                   compressors=CHECKSUM, fill_value=-1)
+            create(LOGITS_VALS, shape=(n_views, n, k), chunks=(1, bn, k), dtype=dtype,
+                   compressors=CHECKSUM, fill_value=MISSING)
+            create(LOGITS_LSE, shape=(n_views, n), chunks=(1, bn), dtype="float32",
+                   compressors=CHECKSUM, fill_value=MISSING)
         else:
-            g.create_array(LOGITS, shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
-                           dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
-        g.create_array(EMBED, shape=(n_views, n, attrs.embed_dim), chunks=(1, bn, attrs.embed_dim),
-                       dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
+            create(LOGITS, shape=(n_views, n, attrs.num_classes), chunks=(1, bn, attrs.num_classes),
+                   dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
+        create(EMBED, shape=(n_views, n, attrs.embed_dim), chunks=(1, bn, attrs.embed_dim),
+               dtype=dtype, compressors=CHECKSUM, fill_value=MISSING)
         for k in attrs.stored_stages:
             c, h, w = stored_stage_shape(attrs, k)
             per_sample = c * h * w * np.dtype(dtype).itemsize
@@ -381,15 +513,10 @@ class Store:
                 cn //= 2
             while bn % cn:  # a block must cover whole chunks
                 cn -= 1
-            g.create_array(stage_array(k), shape=(attrs.stage_views, n, c, h, w), chunks=(1, cn, c, h, w),
-                           dtype=dtype, compressors=COMPRESSED, fill_value=MISSING)
-        g.create_array(DONE, shape=(n_views, n_blocks), chunks=(1, 1), dtype="uint8", fill_value=0,
-                       compressors=CHECKSUM)
-        cache = TeacherCache(self, attrs.alias, attrs, g)
-        folder = self.path / name
-        attrs = dataclasses.replace(attrs, arrays={a: array_record(folder / a) for a in cache.array_names})
-        g.attrs[ATTRS_KEY] = to_attrs(attrs)  # last: its presence means "fully created"
-        return TeacherCache(self, attrs.alias, attrs, g)
+            create(stage_array(k), shape=(attrs.stage_views, n, c, h, w), chunks=(1, cn, c, h, w),
+                   dtype=dtype, compressors=COMPRESSED, fill_value=MISSING)
+        create(DONE, shape=(n_views, n_blocks), chunks=(1, 1), dtype="uint8", fill_value=0,
+               compressors=CHECKSUM)
 
 
 def stored_stage_shape(attrs: TeacherAttrs, k: int) -> tuple[int, int, int]:
@@ -410,8 +537,8 @@ class TeacherCache:
         self.group = group if group is not None else store.group[teacher_group(alias)]
 
     @property
-    def path(self) -> Path:
-        return self.store.path / teacher_group(self.alias)
+    def path(self) -> Location:
+        return join(self.store.path, teacher_group(self.alias))
 
     @property
     def num_views(self) -> int:
@@ -425,7 +552,12 @@ class TeacherCache:
     @property
     def array_names(self) -> tuple[str, ...]:
         """Every array of the group: logits, embed, stage maps, done marks."""
-        return (*self.logit_arrays, EMBED, *(stage_array(k) for k in self.attrs.stored_stages), DONE)
+        return self.arrays_of(self.attrs)
+
+    @staticmethod
+    def arrays_of(attrs: TeacherAttrs) -> tuple[str, ...]:
+        logits = (LOGITS_IDS, LOGITS_VALS, LOGITS_LSE) if attrs.logits_topk else (LOGITS,)
+        return (*logits, EMBED, *(stage_array(k) for k in attrs.stored_stages), DONE)
 
     @property
     def block_n(self) -> int:
@@ -446,8 +578,11 @@ class TeacherCache:
 
     def update_attrs(self, **changes: Any) -> None:
         """Change attrs fields, re-reading the stored attrs under the store's lock first, so two
-        processes updating different fields never undo each other."""
-        with locked(self.store.path.with_name(self.store.path.name + ".create-teacher")):
+        processes updating different fields never undo each other. At a URL there is no lock: the
+        read-modify-write is one PUT, and the only fields updated (the tail's sha256, written before
+        any block, and the teacher's accuracy, once every block is done) are the same whoever writes
+        them; a lost accuracy is measured again by the next extract."""
+        with self.store._creation_lock():
             current, damage = self.store.teacher_attrs(self.alias)
             if damage is not None:
                 raise self.store.error(damage)
@@ -460,9 +595,9 @@ class TeacherCache:
         """Each array's zarr.json (and the stages group) against the metadata recorded at creation."""
         found = []
         if self.attrs.stored_stages:
-            found.append(node_damage(self.path / STAGES_GROUP, "group", None, self.alias, DELETE_TEACHER))
+            found.append(node_damage(join(self.path, STAGES_GROUP), "group", None, self.alias, DELETE_TEACHER))
         for name in self.array_names:
-            found.append(node_damage(self.path / name, "array", self.attrs.arrays.get(name) if self.attrs.arrays
+            found.append(node_damage(join(self.path, name), "array", self.attrs.arrays.get(name) if self.attrs.arrays
                                      else None, self.alias, DELETE_TEACHER, remove=(self.path,)))
         return [d for d in found if d is not None]
 
@@ -480,14 +615,18 @@ class TeacherCache:
             if err is not None:
                 raise err from exc
             self.store.raise_damage(self.metadata_damage())
-            raise KDCacheError(f"{self.path / name} could not be opened ({type(exc).__name__}: {exc})",
+            raise KDCacheError(f"{join(self.path, name)} could not be opened ({type(exc).__name__}: {exc})",
                                fix=f"kdcache verify {self.store.path} --no-replay names the damage") from exc
 
     # ---------------------------------------------------------------- tail
     @property
-    def tail_path(self) -> Path:
-        """Where extract writes the frozen teacher tail (then calls `record_tail`)."""
-        return self.path / TAIL_FILE
+    def tail_path(self) -> Location:
+        """Where extract writes the frozen teacher tail (then calls `record_tail`); a URL string for a
+        store at a URL (`atomic_write` and `file_sha256` take either)."""
+        return join(self.path, TAIL_FILE)
+
+    def has_tail(self) -> bool:
+        return is_file(self.tail_path)
 
     def record_tail(self) -> str:
         """Record the sha256 of the tail file extract has just written at `tail_path`."""
@@ -496,16 +635,17 @@ class TeacherCache:
         return digest
 
     def checked_tail_path(self) -> Path:
-        """The frozen teacher tail's path, after checking that its bytes are the ones extract wrote
-        (sha256 against the record): a flipped bit or an edited weight is refused, never loaded."""
+        """The frozen teacher tail as a local file, after checking that its bytes are the ones extract
+        wrote (sha256 against the record): a flipped bit or an edited weight is refused, never loaded.
+        For a store at a URL, a local copy with the same checked bytes."""
         damage = tail_damage(self)
         if damage is not None:
             raise self.store.error(damage)
-        if not self.tail_path.is_file():
+        if not self.has_tail():
             raise KDCacheError(f"{self.tail_path} does not exist: the targets of {self.alias} have no frozen tail",
                                fix=f"{self.store.extract_command(self.alias, self.attrs)}   (after adding "
                                    "--methods kd,fbt; delete the teacher's folder first)")
-        return self.tail_path
+        return checked_local_copy(self.tail_path, self.attrs.tail_sha256, "teacher tail")
 
     # ---------------------------------------------------------------- writing
     def block_range(self, j: int) -> tuple[int, int]:
@@ -535,7 +675,7 @@ class TeacherCache:
         names = tuple(n for n in self.array_names if n != DONE)
         for damage in target_chunk_damage(self, names, done, read=False).damage:
             mark = damage.remove[0]
-            done[int(mark.parent.name), int(mark.name)] = False
+            done[int(name_of(parent_of(mark))), int(name_of(mark))] = False
         return done
 
     def write_block(self, v: int, j: int, logits: np.ndarray, embed: np.ndarray,
@@ -612,13 +752,13 @@ class TeacherCache:
                 out = arr[index]
         except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: name it
             self.store.raise_damage(self._damage_at(name, index, read=True))
-            raise KDCacheError(f"{self.path / name} could not be read at {index} ({type(exc).__name__}: {exc})",
+            raise KDCacheError(f"{join(self.path, name)} could not be read at {index} ({type(exc).__name__}: {exc})",
                                fix=f"kdcache verify {self.store.path} --no-replay names the damage") from exc
         filled = np.isnan(out) if out.dtype.kind == "f" else (out == -1 if out.dtype.kind == "i" else None)
         if filled is not None and filled.any():
             self.store.raise_damage(self._damage_at(name, index, read=False))
             ext = self.store.extract_command(self.alias, self.attrs)
-            raise KDCacheError(f"{self.path / name} holds no targets at {index}: its block is not marked done",
+            raise KDCacheError(f"{join(self.path, name)} holds no targets at {index}: its block is not marked done",
                                fix=f"{ext}   (writes the blocks still missing)")
         return out
 

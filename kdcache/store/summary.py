@@ -6,11 +6,11 @@ byte counts for people.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from kdcache.locations import Location, is_file, join, total_bytes
 from kdcache.store.integrity import scan_store
 from kdcache.store.schema import DONE, META_FILE, STORE_GROUPS, TAIL_FILE
 from kdcache.store.store import Store
@@ -18,12 +18,9 @@ from kdcache.store.store import Store
 VIEW_READ_BYTES = 256 << 20  # a view table up to this size is read whole (checksums) by `info`
 
 
-def dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(root, f))
-    return total
+def dir_bytes(path: Location) -> int:
+    """Bytes of every file under a folder (or every object under a URL prefix)."""
+    return total_bytes(path)
 
 
 def human(n: float) -> str:
@@ -40,7 +37,7 @@ def store_summary(path: str | Path) -> dict:
     chunks are read too when it is small (`views_read`)."""
     store = Store.open(path, check=False)
     a = store.attrs
-    small = sum(dir_bytes(store.path / g) for g in STORE_GROUPS) <= VIEW_READ_BYTES
+    small = sum(dir_bytes(join(store.path, g)) for g in STORE_GROUPS) <= VIEW_READ_BYTES
     views, scans = scan_store(store, read=False, read_views=small)
     out = {"path": str(store.path), "fingerprint": a.fingerprint, "recipe": a.recipe,
            "recipe_version": a.recipe_version, "view_seed": a.view_seed, "views": a.num_views,
@@ -53,17 +50,17 @@ def store_summary(path: str | Path) -> dict:
         attrs, lost = store.teacher_attrs(name)
         if lost is not None:
             out["teachers"][name] = {"readable": False, "damage": [d.text for d in scan.damage],
-                                     "bytes": dir_bytes(store.path / "teachers" / name)}
+                                     "bytes": dir_bytes(join(store.path, "teachers", name))}
             continue
         cache = store.teacher(name, check=False)
         t = cache.attrs
-        bad_arrays = {n for n in cache.array_names if cache.path / n / META_FILE in {d.path for d in scan.damage}}
+        bad_arrays = {n for n in cache.array_names if join(cache.path, n, META_FILE) in {d.path for d in scan.damage}}
         done = cache.done_mask() if DONE not in bad_arrays else np.zeros((0,), dtype=bool)
         arrays = {}
         for arr_name in cache.array_names:
             if arr_name == DONE:
                 continue
-            size = dir_bytes(cache.path / arr_name)
+            size = dir_bytes(join(cache.path, arr_name))
             if arr_name in bad_arrays:
                 rec = t.arrays.get(arr_name, {})
                 arrays[arr_name] = {"shape": list(rec.get("shape", [])), "dtype": "damaged metadata", "bytes": size,
@@ -79,7 +76,7 @@ def store_summary(path: str | Path) -> dict:
             "checkpoint_sha256": t.checkpoint_sha256, "input_size": t.input_size, "dtype": t.dtype,
             "teacher_acc": t.teacher_acc, "blocks_done": int(done.sum()), "blocks_total": int(done.size),
             "complete": bool(done.size and done.all()) and not scan.damage, "stored_stages": list(t.stored_stages),
-            "stage_views": t.stage_views, "stage_grid": t.stage_grid, "tail": (cache.path / TAIL_FILE).is_file(),
+            "stage_views": t.stage_views, "stage_grid": t.stage_grid, "tail": is_file(join(cache.path, TAIL_FILE)),
             "tail_sha256": t.tail_sha256, "arrays": arrays, "bytes": dir_bytes(cache.path), "versions": t.versions,
             "damage": [d.text for d in scan.damage]}
     if damage:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kdcache.data import DATASETS, RECIPES
 from kdcache.errors import KDCacheError
+from kdcache.locations import Location, is_url, join, location, name_of, parent_of
 from kdcache.models import MODELS
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, default_teacher_checkpoint
 from kdcache.presets import PRESETS
@@ -57,9 +58,9 @@ class Pipeline:
     view_seed: int
     dtype: str
     extract: dict[str, Any]  # batch_size, block_n, stage_grid, stage_views
-    store_root: Path
+    store_root: Location  # a Path, or a URL string (s3://...)
     out_dir: Path
-    results: Path
+    results: Location  # a Path, or a URL string
     checkpoint_dir: Path
     report_dir: Path
     presets: dict[str, str]  # student family -> training preset
@@ -84,10 +85,10 @@ class Pipeline:
         and token students with different augmentations (OFA-KD's cnn.yaml vs vit_mlp.yaml)."""
         return self.recipes.get(MODELS.get(student).family, self.recipe)
 
-    def store_root_for(self, recipe: str) -> Path:
+    def store_root_for(self, recipe: str) -> Location:
         """One view table per store, so each recipe has its own store: [views] recipe's under
         store_root itself, another family recipe's under store_root/<recipe>."""
-        return self.store_root if recipe == self.recipe else self.store_root / recipe
+        return self.store_root if recipe == self.recipe else join(self.store_root, recipe)
 
     @property
     def used_recipes(self) -> list[str]:
@@ -95,8 +96,9 @@ class Pipeline:
         return list(dict.fromkeys([self.recipe] + [self.recipe_for(s) for s in self.students]))
 
     @property
-    def teacher_results(self) -> Path:
-        return self.results.with_name(self.results.stem + "-teachers" + self.results.suffix)
+    def teacher_results(self) -> Location:
+        name = PurePosixPath(name_of(self.results))
+        return join(parent_of(self.results), name.stem + "-teachers" + name.suffix)
 
 
 def _resolve(base: Path, value: str | None) -> Path | None:
@@ -104,6 +106,11 @@ def _resolve(base: Path, value: str | None) -> Path | None:
         return None
     p = Path(os.path.expanduser(str(value)))
     return p if p.is_absolute() else (base / p)
+
+
+def _resolve_location(base: Path, value: str) -> Location:
+    """A store root or results table: a URL (s3://...) as it is, a path as `_resolve` takes it."""
+    return location(value) if is_url(location(value)) else _resolve(base, value)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -223,9 +230,9 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
         num_samples=ds.get("num_samples"), recipe=str(views.get("recipe", "cifar")), views=views.get("views"),
         view_seed=int(views.get("seed", 0)), dtype=str(views.get("dtype", "float16")),
         extract={k: ext[k] for k in EXTRACT_KEYS if k in ext},
-        store_root=_resolve(base, paths.get("store_root", f"cache/{name}")),
+        store_root=_resolve_location(base, paths.get("store_root", f"cache/{name}")),
         out_dir=_resolve(base, paths.get("out_dir", f"runs/{name}")),
-        results=_resolve(base, paths.get("results", f"results/{name}.parquet")), checkpoint_dir=ckpt_dir,
+        results=_resolve_location(base, paths.get("results", f"results/{name}.parquet")), checkpoint_dir=ckpt_dir,
         report_dir=_resolve(base, paths.get("report_dir", f"results/{name}")),
         presets={str(k): str(v) for k, v in table("presets").items()},
         recipes={str(k): str(v) for k, v in table("recipes").items()},

@@ -34,8 +34,10 @@ from kdcache.extract import ExtractConfig
 from kdcache.methods import METHODS, Needs, build_options, method_needs, options_dict
 from kdcache.models import MODELS, ModelInfo, build_model, describe
 from kdcache.models.teacher import teacher_run_name
+from kdcache.locations import is_file, join
 from kdcache.results import read_results
 from kdcache.store import Store, store_path
+from kdcache.store.schema import META_FILE
 from kdcache.sweep.pipeline import Pipeline, TeacherSpec
 from kdcache.targets import ensemble_members, uses_only_logits
 from kdcache.train import TrainConfig
@@ -151,7 +153,7 @@ def teacher_config(pipe: Pipeline, spec: TeacherSpec, progress: bool, device: st
                run_name=teacher_run_name(pipe.dataset, spec.alias, seed), save_teacher_to=str(spec.checkpoint),
                # a folder that never holds a store: the teacher draws its own views (it may use another
                # subset than the students' store, whose fingerprint would not match)
-               store_root=str(pipe.store_root / ".teacher-training"))
+               store_root=str(join(pipe.store_root, ".teacher-training")))
     return TrainConfig.from_preset(preset, **{**ft, **run})
 
 
@@ -179,7 +181,7 @@ def store_state(pipe: Pipeline, recipe: str | None = None) -> Store | None:
     """The pipeline's store of `recipe` (default: [views] recipe's), or None when there is none yet
     (a broken one is an error)."""
     path = store_path(pipe.store_root_for(recipe or pipe.recipe), pipe.dataset, "train", pipe.subset)
-    if not (path / "zarr.json").is_file():
+    if not is_file(join(path, META_FILE)):
         return None
     return Store.open(path)
 

@@ -4,9 +4,11 @@
 are there (`preflight`, naming everything missing at once), prints the plan (show.py) and runs the
 tasks still to do: one after another in this process, or as Dask tasks with `resources={"GPU": 1}`
 on an existing scheduler (`scheduler="tcp://host:8786"`): teachers first, extractions after their
-teacher, student runs after their teacher's extraction. A failed task is recorded and everything
-that does not depend on it goes on; interrupting and re-running a sweep finishes only what is
-missing (an interrupted student run resumes from its last epoch).
+teacher, student runs after their teacher's extraction. On Dask an extraction is spread over every
+worker of the cluster: its task only coordinates (kdcache/dask_extract.py: it prepares the store and
+submits the blocks as tasks that ask for a GPU each), so it asks for no GPU itself. A failed task
+is recorded and everything that does not depend on it goes on; interrupting and re-running a sweep
+finishes only what is missing (an interrupted student run resumes from its last epoch).
 
 The stages are called through their modules at call time (`train_stage.run_train`), so a test that
 replaces `kdcache.train.run_train` sees every call, on a Dask worker too.
@@ -121,6 +123,20 @@ def execute_task(task: Task, *_deps: Any) -> str:
     return task.id
 
 
+def execute_extract_on_cluster(task: Task, *_deps: Any) -> str:
+    """A sweep's extraction on a Dask worker: it prepares the store and spreads the blocks over
+    every worker of the cluster (`run_extract_on`). While it waits it leaves the worker's thread pool
+    (`worker_client` secedes), and it asks for no GPU resource: seceding does not give a resource
+    back, so a coordinator holding one could starve its own block tasks on a one-GPU cluster."""
+    from distributed import worker_client
+
+    import kdcache.dask_extract as dask_stage  # imports distributed: only a sweep with a scheduler pays for it
+
+    with worker_client() as client:
+        dask_stage.run_extract_on(client, task.config)
+    return task.id
+
+
 def _error_text(exc: BaseException) -> str:
     return exc.message if isinstance(exc, KDCacheError) else f"{type(exc).__name__}: {exc}"
 
@@ -180,9 +196,10 @@ def _submit_all(summary: SweepSummary, todo: list[Task], client: Any, max_runs: 
         task.config = dataclasses.replace(task.config, progress=False)
         deps = extract_ids if task.kind == "train" and task.method == "ce" else task.deps
         dep_futures = [futures[d] for d in deps if d in futures]
-        futures[task.id] = client.submit(execute_task, task, *dep_futures, key=f"kdcache-{sweep_id}-{task.id}",
-                                         resources={"GPU": 1}, priority=priority[task.kind], pure=False,
-                                         retries=1 if task.kind == "extract" else 0)
+        extract = task.kind == "extract"
+        futures[task.id] = client.submit(execute_extract_on_cluster if extract else execute_task, task, *dep_futures,
+                                         key=f"kdcache-{sweep_id}-{task.id}", resources=None if extract else {"GPU": 1},
+                                         priority=priority[task.kind], pure=False, retries=1 if extract else 0)
     return futures
 
 

@@ -1,0 +1,292 @@
+"""`kdcache bench-data`: the data path of a dataset of files, measured with 0, 1, 2... loader workers.
+
+A generated ImageFolder stands in for ImageNet's files: Fashion-MNIST's 60k training and 10k test
+images upscaled from 28 px to `size` and written once as RGB JPEGs (train/ and val/, ImageNet's
+layout) under `root`, then reused. It has what makes files slow (a decode per image, a source size
+other than the render size, 60k headers for the sample index) at a size a laptop writes in a minute.
+
+For each number of workers, in a fresh spawned process (so its peak memory is its own):
+  extract  stage one over the split (`run_extract`, one rrc view per sample, a random-weight
+           teacher): images / second of the whole block loop, workers' start included
+  train    cached training from that store (`run_train`, `method`): images / second of the median
+           step (steady state)
+and for both the data path's start: the time from nothing loaded to the first rendered batch (list
+the folder, read the sample index, draw the view table, start the workers, render one batch), the
+main process's peak RSS (getrusage) and the largest worker's (VmHWM, read from /proc). The
+sample index is timed built (every header read, by the default number of workers), reused, and
+against reading every header in one process (what each command did before it existed).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FOLDER_VERSION = 1
+CHUNK = 5000  # images per generation task
+
+
+@dataclass
+class BenchDataConfig:
+    root: str = "cache/bench-data"  # the generated folder (kept) and the work folder (remade)
+    size: int = 64  # px of the generated JPEGs
+    teacher: str = "resnet10t"
+    student: str = "resnet10t"
+    method: str = "kd"
+    recipe: str = "rrc"
+    subset: int | None = None  # training samples used (None: all 60000)
+    batch_size: int = 128
+    workers: tuple[int, ...] = (0, 1, 2)
+    train_steps: int = 60
+    device: str = "auto"
+    results: str | None = "results/bench-data.parquet"
+
+
+def _class_folder(c: int, name: str) -> str:
+    return f"{c}-" + "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def _write_jpegs(folder: str, split: str, start: int, stop: int, size: int) -> int:
+    """Images start..stop-1 of a Fashion-MNIST split, upscaled to size x size (bicubic), as RGB JPEGs."""
+    from PIL import Image
+
+    from kdcache.data import load_dataset
+
+    ds = load_dataset("fashion-mnist", split)
+    out = Path(folder) / ("train" if split == "train" else "val")
+    for i in range(start, stop):
+        c = int(ds.labels[i])
+        img = Image.fromarray(ds.images[i, 0].numpy()).resize((size, size), Image.BICUBIC).convert("RGB")
+        img.save(out / _class_folder(c, ds.class_names[c]) / f"{i:05d}.jpg", quality=90)
+    return stop - start
+
+
+def generate_folder(root: Path, size: int, workers: int) -> Path:
+    """The generated ImageFolder under `root` (written by `workers` processes the first time; a
+    folder whose COMPLETE.json records the same settings is reused as it is)."""
+    from kdcache.data import load_dataset
+
+    folder = root / f"fashion-mnist-{size}px"
+    marker = folder / "COMPLETE.json"
+    want = {"version": FOLDER_VERSION, "size": size, "source": "fashion-mnist", "quality": 90}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    tasks = []
+    for split in ("train", "test"):
+        ds = load_dataset("fashion-mnist", split)
+        for c, name in enumerate(ds.class_names):
+            (folder / ("train" if split == "train" else "val") / _class_folder(c, name)).mkdir(parents=True)
+        tasks += [(str(folder), split, a, min(a + CHUNK, len(ds)), size) for a in range(0, len(ds), CHUNK)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+        written = sum(pool.map(_write_jpegs, *zip(*tasks)))
+    marker.write_text(json.dumps(want))
+    print(f"bench-data: wrote {written} JPEGs of {size} px to {folder} in {time.perf_counter() - t0:.0f}s")
+    return folder
+
+
+class ChildPeaks:
+    """The largest peak RSS (VmHWM, MB) of this process's child processes (the loader workers) while
+    the block runs, read from /proc every 0.2 s. getrusage's RUSAGE_CHILDREN would not do: a child
+    is counted with the pages of the parent it was forked from before it exec'd a fresh Python."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "ChildPeaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        import os
+
+        me = str(os.getpid())
+        while not self._stop.wait(0.2):
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    if stat.read_text().rsplit(")", 1)[1].split()[1] != me:  # field 4: the parent's pid
+                        continue
+                    for line in (stat.parent / "status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+                except (OSError, IndexError, ValueError):
+                    continue  # the process ended meanwhile
+
+
+def _peaks(children: ChildPeaks) -> dict:
+    """Peak RSS in MB of this process (getrusage) and of its largest loader worker."""
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "worker_peak_mb": children.peak_mb}
+
+
+def _first_batch(cfg: BenchDataConfig, folder: Path, work: Path, size: int, workers: int) -> float:
+    """Seconds from nothing loaded to the first rendered batch: list the folder, read the sample
+    index, draw the view table, start the loader's workers, render one batch (the same calls
+    extract and train make)."""
+    import numpy as np
+    import torch
+
+    from kdcache.data import get_recipe, load_dataset, view_table
+    from kdcache.data.index import index_location
+    from kdcache.data.loader import RenderSpec, ViewLoader
+    from kdcache.devices import resolve_device
+
+    t0 = time.perf_counter()
+    ds = load_dataset("imagefolder", "train", root=str(folder), subset=cfg.subset,
+                      index=index_location(work / "cache", "imagefolder", "train"), workers=workers)
+    _, params = view_table(get_recipe(cfg.recipe), 0, ds.keys, *ds.sizes(), 1)
+    with ViewLoader(ds, [RenderSpec(size, ds.mean, ds.std)], cfg.batch_size, resolve_device(cfg.device),
+                    workers) as loader:
+        next(iter(loader(np.arange(len(ds)), params[0])))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def _measure_index(cfg: BenchDataConfig, folder: Path, work: Path, workers: int) -> dict:
+    from kdcache.data import load_dataset
+    from kdcache.data.index import index_location
+    from kdcache.data.loader import default_workers
+
+    at = index_location(work / "cache", "imagefolder", "train")
+    at.unlink(missing_ok=True)
+    n = default_workers()
+    t0 = time.perf_counter()
+    load_dataset("imagefolder", "train", root=str(folder), index=at, workers=n)
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_dataset("imagefolder", "train", root=str(folder), index=at)
+    reused = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_dataset("imagefolder", "train", root=str(folder)).sizes()
+    headers = time.perf_counter() - t0
+    return {"build_s": built, "build_workers": n, "reuse_s": reused, "headers_s": headers}
+
+
+def _measure_extract(cfg: BenchDataConfig, folder: Path, work: Path, workers: int) -> dict:
+    from kdcache.extract import ExtractConfig, run_extract
+    from kdcache.models import MODELS
+    from kdcache.store import store_path
+
+    shutil.rmtree(store_path(work / "cache", "imagefolder", "train", cfg.subset), ignore_errors=True)
+    first = _first_batch(cfg, folder, work, MODELS.get(cfg.teacher).input_size, workers)
+    with ChildPeaks() as children:
+        r = run_extract(ExtractConfig(teacher=cfg.teacher, dataset="imagefolder", data_root=str(folder),
+                                      checkpoint=str(work / "teacher.pt"), recipe=cfg.recipe, views=1,
+                                      subset=cfg.subset, store_root=str(work / "cache"), methods=(cfg.method,),
+                                      batch_size=cfg.batch_size, progress=False, device=cfg.device,
+                                      data_workers=workers))
+    return {"images_per_s": r.images_per_s, "images": r.images, "first_batch_s": first, **_peaks(children)}
+
+
+def _measure_train(cfg: BenchDataConfig, folder: Path, work: Path, workers: int) -> dict:
+    import torch
+
+    from kdcache.models import MODELS
+    from kdcache.train import TrainConfig, run_train
+
+    first = _first_batch(cfg, folder, work, MODELS.get(cfg.student).input_size, workers)
+    name = f"bench-data-w{workers}"
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)
+    with ChildPeaks() as children:
+        r = run_train(TrainConfig.from_preset(
+            None, student=cfg.student, teacher=cfg.teacher, method=cfg.method, dataset="imagefolder",
+            data_root=str(folder), subset=cfg.subset, epochs=1, batch_size=cfg.batch_size, max_steps=cfg.train_steps,
+            eval_every=0, store_root=str(work / "cache"), out_dir=str(work / "runs"), run_name=name, results=None,
+            progress=False, device=cfg.device, data_workers=workers))
+    hist = torch.load(r.checkpoint, weights_only=False)["history"][-1]
+    return {"images_per_s": cfg.batch_size / hist["step_s_median"], "steps": r.steps, "first_batch_s": first,
+            **_peaks(children)}
+
+
+_MEASURES = {"index": _measure_index, "extract": _measure_extract, "train": _measure_train}
+
+
+def _child(kind: str, cfg: dict, folder: str, work: str, workers: int, queue) -> None:
+    try:
+        c = BenchDataConfig(**cfg)
+        queue.put(_MEASURES[kind](c, Path(folder), Path(work), workers))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run_child(kind: str, cfg: BenchDataConfig, folder: Path, work: Path, workers: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(kind, asdict(cfg), str(folder), str(work), workers, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    if "error" in out:
+        from kdcache.errors import KDCacheError
+
+        raise KDCacheError(f"bench-data step {kind} ({workers} workers) failed: {out['error']}")
+    return out
+
+
+def run_bench_data(cfg: BenchDataConfig) -> list[dict]:
+    """Generate (once) and measure; print the table; append one row per measurement to `results`."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdcache.data.loader import default_workers
+    from kdcache.models import build_model
+    from kdcache.results import append_rows, git_commit
+
+    console = Console()
+    root = Path(cfg.root)
+    folder = generate_folder(root, cfg.size, default_workers())
+    work = root / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    teacher = build_model(cfg.teacher, 10)
+    torch.save({"model": teacher.state_dict(), "alias": cfg.teacher, "num_classes": 10,
+                "input_size": teacher.spec.input_size}, work / "teacher.pt")
+    console.print("bench-data: measuring the sample index ...")
+    index = _run_child("index", cfg, folder, work, 0)
+    m = {}
+    for kind in ("extract", "train"):  # train reads the store the last extraction wrote
+        for w in cfg.workers:
+            console.print(f"bench-data: measuring {kind} with {w} workers ...")
+            m[kind, w] = _run_child(kind, cfg, folder, work, w)
+    table = Table(title=f"kdcache bench-data: {m['extract', cfg.workers[0]]['images']} JPEGs of {cfg.size} px "
+                        f"(Fashion-MNIST), {cfg.teacher} -> {cfg.student} [{cfg.method}], recipe {cfg.recipe}, "
+                        f"batch {cfg.batch_size}, {cfg.device}")
+    for col in ("mode", "workers", "images/s", f"vs {cfg.workers[0]} workers", "first batch s", "peak MB main",
+                "peak MB worker"):
+        table.add_column(col, justify="right")
+    rows = []
+    base = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(), "commit": git_commit(),
+            "config": json.dumps(asdict(cfg))}
+    for (kind, w), r in m.items():
+        ratio = r["images_per_s"] / m[kind, cfg.workers[0]]["images_per_s"]
+        table.add_row(kind, str(w), f"{r['images_per_s']:.0f}", f"{ratio:.2f}", f"{r['first_batch_s']:.1f}",
+                      f"{r['peak_mb']:.0f}", f"{r['worker_peak_mb']:.0f}" if w else "-")
+        rows.append({**base, "mode": kind, "workers": w, "images_per_s": r["images_per_s"], "ratio_to_first": ratio,
+                     "first_batch_s": r["first_batch_s"], "peak_mb": r["peak_mb"],
+                     "worker_peak_mb": r["worker_peak_mb"] if w else float("nan")})
+    console.print(table)
+    console.print(f"sample index of {folder / 'train'}: built in {index['build_s']:.1f}s ({index['build_workers']} "
+                  f"workers), reused in {index['reuse_s']:.2f}s; every header read in one process: "
+                  f"{index['headers_s']:.1f}s")
+    rows.append({**base, "mode": "index", "workers": index["build_workers"], "index_build_s": index["build_s"],
+                 "index_reuse_s": index["reuse_s"], "headers_s": index["headers_s"]})
+    if cfg.results:
+        append_rows(cfg.results, rows)
+    return rows
