@@ -21,7 +21,6 @@ torchrun against one process at the same global batch (`measure_ddp`).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import platform
 import resource
 import shutil
@@ -29,6 +28,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from kdcache.child import run_in_child
 
 
 @dataclass
@@ -60,17 +61,14 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(kind: str, cfg: dict, root: str, queue) -> None:
-    """One measurement in a fresh process; puts a JSON-able dict on the queue."""
-    try:
-        import torch
+def _measure_in_child(kind: str, cfg: dict, root: str) -> dict:
+    """One measurement (run in a fresh process by `run_in_child`), with the process's peak memory."""
+    import torch
 
-        torch.set_num_threads(max(torch.get_num_threads(), 1))
-        out = _MEASURES[kind](BenchConfig(**cfg), Path(root))
-        out["peak_mb"] = _peak_memory_mb(out.get("device", "cpu"))
-        queue.put(out)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    out = _MEASURES[kind](BenchConfig(**cfg), Path(root))
+    out["peak_mb"] = _peak_memory_mb(out.get("device", "cpu"))
+    return out
 
 
 def _train_mode(cfg: BenchConfig, root: Path, method: str, online: bool) -> dict:
@@ -251,17 +249,7 @@ _MEASURES = {"extract": _measure_extract, "teacher": _measure_teacher, "ce": _me
 
 
 def _run_child(kind: str, cfg: BenchConfig, root: Path) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, asdict(cfg), str(root), queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    if "error" in out:
-        from kdcache.errors import KDCacheError
-
-        raise KDCacheError(f"benchmark step {kind!r} failed: {out['error']}")
-    return out
+    return run_in_child(_measure_in_child, (kind, asdict(cfg), str(root)), f"benchmark step {kind!r}")
 
 
 def measure_ddp(cfg: BenchConfig, root: Path) -> dict:

@@ -29,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kdcache.child import run_in_child
+
 FOLDER_VERSION = 1
 CHUNK = 5000  # images per generation task
 
@@ -217,26 +219,13 @@ def _measure_train(cfg: BenchDataConfig, folder: Path, work: Path, workers: int)
 _MEASURES = {"index": _measure_index, "extract": _measure_extract, "train": _measure_train}
 
 
-def _child(kind: str, cfg: dict, folder: str, work: str, workers: int, queue) -> None:
-    try:
-        c = BenchDataConfig(**cfg)
-        queue.put(_MEASURES[kind](c, Path(folder), Path(work), workers))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+def _measure_in_child(kind: str, cfg: dict, folder: str, work: str, workers: int) -> dict:
+    return _MEASURES[kind](BenchDataConfig(**cfg), Path(folder), Path(work), workers)
 
 
 def _run_child(kind: str, cfg: BenchDataConfig, folder: Path, work: Path, workers: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, asdict(cfg), str(folder), str(work), workers, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    if "error" in out:
-        from kdcache.errors import KDCacheError
-
-        raise KDCacheError(f"bench-data step {kind} ({workers} workers) failed: {out['error']}")
-    return out
+    return run_in_child(_measure_in_child, (kind, asdict(cfg), str(folder), str(work), workers),
+                        f"bench-data step {kind} ({workers} workers)")
 
 
 def run_bench_data(cfg: BenchDataConfig) -> list[dict]:

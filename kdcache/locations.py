@@ -210,18 +210,23 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def _finish_local(path: Path, data: bytes, publish) -> None:
+    """Write `data` to a temporary file beside `path`, then `publish(tmp, path)` in one step:
+    os.replace (replace whole) or os.link (create only if absent: raises FileExistsError)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(path)
+    try:
+        tmp.write_bytes(data)
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_bytes(loc: Location, data: bytes) -> None:
     """Replace the file whole: a rename of a finished temporary file locally, one PUT at a URL (an
     object PUT is atomic: a reader sees the old object or the new one, never a part)."""
     if not is_url(loc):
-        path = Path(loc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_beside(path)
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _finish_local(Path(loc), data, os.replace)
         return
     fs, path = filesystem(loc)
     fs.pipe_file(path, data)
@@ -244,17 +249,11 @@ def create_if_absent(loc: Location, data: bytes) -> bool:
     exists); at a URL the backend's exclusive create (S3: PUT with If-None-Match: *). A backend
     with no exclusive create falls back to look-then-write (said in docs/store.md)."""
     if not is_url(loc):
-        path = Path(loc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_beside(path)
         try:
-            tmp.write_bytes(data)
-            os.link(tmp, path)
+            _finish_local(Path(loc), data, os.link)
             return True
         except FileExistsError:
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
     fs, path = filesystem(loc)
     try:
         fs.pipe_file(path, data, mode="create")

@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdcache"
 # spreads stage one's blocks over a Dask cluster with extract's own pieces).
 FLOORS = {
     "kdcache": 0, "kdcache.errors": 0.5, "kdcache.locations": 0.75,
-    "kdcache.registry": 1, "kdcache.devices": 1, "kdcache.files": 1, "kdcache.targets": 1, "kdcache.distributed": 1,
+    "kdcache.registry": 1, "kdcache.devices": 1, "kdcache.files": 1, "kdcache.targets": 1, "kdcache.child": 1,
+    "kdcache.distributed": 1,
     "kdcache.presets": 4,
     "kdcache.data": 2, "kdcache.models": 2, "kdcache.store": 2,
     "kdcache.methods": 3,

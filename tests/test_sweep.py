@@ -306,3 +306,28 @@ def test_ensemble_pairs_depend_on_each_members_extraction(tmp_path):
     path.write_text(text.replace('alias = "mixer_pico"', 'alias = "vit_pico"'))
     with pytest.raises(KDCacheError, match="pair teacher 'mixer_pico' is not among the"):
         load_pipeline(path, tmp_path)
+
+
+def test_gpus_per_run_makes_student_runs_ddp(tmp_path):
+    """gpus_per_run = 2: each student run is a 2-rank torchrun (gloo here) of the same config: one
+    result row per run, its identity recording the world size; a re-run finds it done."""
+    import json
+
+    from kdcache.results import read_results
+
+    path = tmp_path / "ddp.toml"
+    path.write_text(SMOKE.read_text().replace("max_steps = 2", "max_steps = 2\ngpus_per_run = 2"))
+    tasks = plan_sweep(load_pipeline(path, tmp_path), estimate=False)
+    assert {t.gpus for t in tasks if t.kind == "train"} == {2}
+    s = run_sweep(path, workdir=tmp_path, progress=False, only=["student=deit_pico", "method=kd"],
+                  console=_console())
+    assert s.ok and s.count("done", "train") == 1
+    rows = read_results(tmp_path / "results" / "smoke.parquet")
+    assert len(rows) == 1 and rows[0]["method"] == "kd"
+    assert json.loads(rows[0]["train_config"])["world_size"] == 2
+    again = plan_sweep(load_pipeline(path, tmp_path), only=["student=deit_pico", "method=kd"], estimate=False)
+    assert [t.status for t in again if t.kind == "train"] == ["done"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SMOKE.read_text().replace("max_steps = 2", "max_steps = 2\ngpus_per_run = 0"))
+    with pytest.raises(KDCacheError, match="gpus_per_run = 0"):
+        load_pipeline(bad, tmp_path)

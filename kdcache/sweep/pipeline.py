@@ -29,7 +29,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (requires-python >= 3.10)
     import tomli as tomllib
 
-TOP_KEYS = {"name", "benchmark", "description", "device", "seeds", "methods", "pairs", "max_steps", "dataset",
+TOP_KEYS = {"name", "benchmark", "description", "device", "seeds", "methods", "pairs", "max_steps", "gpus_per_run", "dataset",
             "views", "recipes", "extract", "paths", "presets", "train", "options", "teachers"}
 EXTRACT_KEYS = ("batch_size", "block_n", "stage_grid", "stage_views")
 
@@ -75,6 +75,7 @@ class Pipeline:
     seeds: list[int]
     device: str
     max_steps: int | None
+    gpus_per_run: int = 1  # > 1: each student run is a DDP run of this many processes (torchrun, one node)
 
     @property
     def students(self) -> list[str]:
@@ -241,7 +242,10 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
         teachers=teachers, pairs=pairs, pair_methods=pair_methods, methods=methods,
         options={k: dict(v) for k, v in options.items() if isinstance(v, dict)},
         seeds=[int(s) for s in (seeds if isinstance(seeds, list) else [seeds])],
-        device=str(doc.get("device", "auto")), max_steps=doc.get("max_steps"))
+        device=str(doc.get("device", "auto")), max_steps=doc.get("max_steps"),
+        gpus_per_run=int(doc.get("gpus_per_run", 1)))
+    if pipe.gpus_per_run < 1:
+        problems.append(f"gpus_per_run = {pipe.gpus_per_run}: expected 1 or more (processes per student run)")
     problems += validate_names(pipe)
     if problems:
         raise KDCacheError(f"pipeline {path} has {len(problems)} problem(s):\n    - " + "\n    - ".join(problems),

@@ -64,6 +64,7 @@ class Task:
     method: str = ""
     seed: int = 0
     needs: Needs | None = None  # train: what the run reads; extract: the union over its runs
+    gpus: int = 1  # processes (GPUs) of a student run: > 1 is a DDP run under torchrun
 
     @property
     def label(self) -> str:
@@ -237,6 +238,7 @@ def _train_task(pipe: Pipeline, task: Task, cls: Any, opts: dict[str, Any], why:
     cfg.run_name = run_key(pipe.dataset, pipe.subset, teacher, task.student, task.method, opts, task.seed,
                            cfg.epochs, pipe.max_steps, cfg.recipe)
     task.id, task.config, task.note = f"train:{cfg.run_name}", cfg, cfg.run_name
+    task.gpus = pipe.gpus_per_run
     if cls is None:
         task.status, task.note = "unavailable", why
         return

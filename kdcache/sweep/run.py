@@ -3,6 +3,7 @@
 `run_sweep` plans a pipeline (plan.py), checks before anything slow that the data and the device
 are there (`preflight`, naming everything missing at once), prints the plan (show.py) and runs the
 tasks still to do: one after another in this process, or as Dask tasks with `resources={"GPU": 1}`
+(`{"GPU": gpus_per_run}` for a student run that is a DDP run: one worker must hold that many GPUs)
 on an existing scheduler (`scheduler="tcp://host:8786"`): teachers first, extractions after their
 teacher, student runs after their teacher's extraction. On Dask an extraction is spread over every
 worker of the cluster: its task only coordinates (kdcache/dask_extract.py: it prepares the store and
@@ -115,7 +116,11 @@ def execute_task(task: Task, *_deps: Any) -> str:
     if task.kind in ("teacher", "train"):
         cfg = task.config
         last = Path(cfg.out_dir) / cfg.run_name / "last.pt"
-        train_stage.run_train(dataclasses.replace(cfg, resume=last.is_file()))
+        cfg = dataclasses.replace(cfg, resume=last.is_file())
+        if task.gpus > 1:
+            run_ddp(cfg, task.gpus)
+        else:
+            train_stage.run_train(cfg)
     elif task.kind == "extract":
         extract_stage.run_extract(task.config)
     else:
@@ -135,6 +140,21 @@ def execute_extract_on_cluster(task: Task, *_deps: Any) -> str:
     with worker_client() as client:
         dask_stage.run_extract_on(client, task.config)
     return task.id
+
+
+def run_ddp(cfg: Any, processes: int) -> None:
+    """One student run as a DDP run of `processes` ranks on this node (torchrun; gloo on the CPU,
+    nccl with one GPU per rank): the same TrainConfig, so the same run folder and result row."""
+    import json
+    import subprocess
+
+    from kdcache.distributed import local_launch
+
+    argv, env = local_launch(processes)
+    done = subprocess.run(argv + ["-m", "kdcache.train", json.dumps(dataclasses.asdict(cfg))], env=env)
+    if done.returncode != 0:
+        raise KDCacheError(f"the DDP run {cfg.run_name} ({processes} processes) exited with {done.returncode}",
+                           fix="its ranks' output is above; rerun the sweep to resume it")
 
 
 def _error_text(exc: BaseException) -> str:
@@ -198,7 +218,7 @@ def _submit_all(summary: SweepSummary, todo: list[Task], client: Any, max_runs: 
         dep_futures = [futures[d] for d in deps if d in futures]
         extract = task.kind == "extract"
         futures[task.id] = client.submit(execute_extract_on_cluster if extract else execute_task, task, *dep_futures,
-                                         key=f"kdcache-{sweep_id}-{task.id}", resources=None if extract else {"GPU": 1},
+                                         key=f"kdcache-{sweep_id}-{task.id}", resources=None if extract else {"GPU": task.gpus},
                                          priority=priority[task.kind], pure=False, retries=1 if extract else 0)
     return futures
 
