@@ -27,9 +27,10 @@ from kdcache.data.views import (
     view_seeds,
     view_table,
 )
+from kdcache.data.augment import AugmentedRecipe  # registers the ofa_cnn / ofa_vit recipes
 
 __all__ = [
     "DATASETS", "Fingerprint", "ImageDataset", "check_available", "load_dataset", "subset_indices",
     "PARAM_NAMES", "RECIPES", "Recipe", "check_view_table", "epoch_views", "get_recipe", "key_hashes", "render",
-    "render_batch", "view_seeds", "view_table",
+    "render_batch", "view_seeds", "view_table", "AugmentedRecipe",
 ]

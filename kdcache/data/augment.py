@@ -68,6 +68,7 @@ geometric ops (grid_sample) differ from PIL's by under one level on average, at 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -989,3 +990,68 @@ def soft_targets(labels: torch.Tensor, partner_labels: torch.Tensor, params, num
     (rows that do not mix have lambda 1: the smoothed one-hot label)."""
     return mix_targets(one_hot_smoothed(labels, num_classes, smoothing),
                        one_hot_smoothed(partner_labels, num_classes, smoothing), params)
+
+
+# --- the augmented view recipes ----------------------------------------------------------------
+@dataclass(frozen=True)
+class AugmentedRecipe(views.RRCRecipe, AugmentConfig):
+    """The rrc crop and flip plus the pixel augmentations of this module: a recipe that is also an
+    `AugmentConfig`, every knob of which is recorded with the store (defaults: nothing beyond the
+    crop, bilinear).
+
+    Crop and flip are the rrc recipe's draws from the view seed (the same boxes as `rrc`); the other
+    columns are `draw_params` on the same seeds (its own sub-streams), the mixing partner drawn
+    uniformly among the other samples of the table."""
+
+    def __post_init__(self):
+        for name in ("color_jitter", "re_area"):  # JSON gives lists back
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        views.RRCRecipe.__post_init__(self)
+        AugmentConfig.__post_init__(self)  # a bad knob is refused here, naming it
+
+    def augment_config(self) -> AugmentConfig:
+        """The recipe's knobs as a plain `AugmentConfig` (equal to the preset it stands for)."""
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return COLUMNS
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def params(self, seeds, view_ids, heights, widths):
+        crop = super().params(seeds, view_ids, heights, widths)
+        return draw_params(np.asarray(seeds, dtype=np.uint64), self.augment_config(), base=crop)
+
+
+@views.RECIPES.register("ofa_cnn")
+@dataclass(frozen=True)
+class OFACNNRecipe(AugmentedRecipe):
+    """OFA-KD's CNN-student training views (Hao840/OFAKD configs/cifar/cnn.yaml on timm's train.py):
+    RandomResizedCrop scale 0.08-1, ratio 3/4-4/3, flip 0.5, bilinear or bicubic at random per view
+    (timm's train interpolation 'random'); no RandAugment, erasing or mixing. = PRESETS["cnn"]."""
+
+    name: str = "ofa_cnn"
+    version: int = 1
+    interpolation: str = "random"
+
+
+@views.RECIPES.register("ofa_vit")
+@dataclass(frozen=True)
+class OFAViTRecipe(AugmentedRecipe):
+    """OFA-KD's ViT/MLP-student training views (configs/cifar/vit_mlp.yaml on timm's train.py): the
+    ofa_cnn crop, flip and interpolation, RandAugment rand-m9-mstd0.5-inc1, random erasing p=0.25 in
+    'pixel' mode, mixup alpha 0.8 / cutmix alpha 1.0 (switch 0.5, prob 1). = PRESETS["vit_mlp"].
+    Labels are mixed with the view's lambda and smoothed (0.1: the methods' label_smoothing)."""
+
+    name: str = "ofa_vit"
+    version: int = 1
+    interpolation: str = "random"
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
