@@ -279,3 +279,263 @@ def run_bench_data(cfg: BenchDataConfig) -> list[dict]:
     if cfg.results:
         append_rows(cfg.results, rows)
     return rows
+
+
+# --- start-up and memory against the number of views ---------------------------------------------
+@dataclass
+class ViewsCheckConfig:
+    """`kdcache bench-data --views-check`: two stores of the same samples with few and many views,
+    filled through the Store API with random targets (no teacher forward: this measures the reading
+    side), and one short cached `train` from each in a fresh process."""
+
+    root: str = "cache/bench-views"  # the stores and runs (remade)
+    dataset: str = "fashion-mnist"
+    samples: int = 20000  # the same N in every store
+    views: tuple[int, ...] = (10, 300)
+    teacher: str = "resnet10t"  # only its name and family: the targets are random
+    student: str = "resnet10t"
+    method: str = "kd"
+    dtype: str = "float16"  # the stored targets' dtype (held as it is)
+    batch_size: int = 128
+    train_steps: int = 5
+    device: str = "cpu"
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def build_views_store(cfg: ViewsCheckConfig, views: int, store_root: Path) -> Path:
+    """A store of `cfg.samples` samples with `views` rrc views and a teacher group of random fp16
+    logits (`cfg.dtype`) and an 8-wide embedding, every block written with `write_block` and marked
+    done: the store a real extraction leaves, at a fraction of its cost."""
+    import numpy as np
+
+    from kdcache.data import load_dataset
+    from kdcache.extract import open_view_store
+    from kdcache.models import MODELS
+    from kdcache.store import TeacherAttrs
+
+    ds = load_dataset(cfg.dataset, "train", subset=cfg.samples)
+    store = open_view_store(ds, "rrc", views, 0, str(store_root), 4096, cfg.samples)
+    spec = MODELS.get(cfg.teacher)
+    cache = store.create_teacher(TeacherAttrs(
+        alias=cfg.teacher, timm_name=spec.timm_name, family=spec.family, checkpoint=None,
+        checkpoint_sha256="random-targets", pretrained=False, input_size=MODELS.get(cfg.student).input_size,
+        mean=tuple(ds.mean), std=tuple(ds.std), interpolation="bilinear", dtype=cfg.dtype,
+        num_classes=ds.num_classes, embed_dim=8, stage_shapes=()), views)
+    rng = np.random.default_rng(0)
+    blocks = cache.array("done").shape[1]
+    for v in range(views):
+        for j in range(blocks):
+            a, b = cache.block_range(j)
+            cache.write_block(v, j, rng.normal(0, 3, (b - a, ds.num_classes)).astype(np.float32),
+                              rng.normal(0, 1, (b - a, 8)).astype(np.float32))
+    return Path(store.path)
+
+
+def _views_train(cfg: dict, store_root: str, out_dir: str) -> dict:
+    """In a fresh process: seconds from this call to the first training batch (the cached source's
+    first `batch`, after plan, model, epoch targets and view rows), then the process's peak RSS
+    over a `train_steps` run (getrusage)."""
+    t0 = time.perf_counter()
+    from kdcache.sources import CachedTargets
+    from kdcache.train import TrainConfig, run_train
+
+    c = ViewsCheckConfig(**cfg)
+    first: dict[str, float] = {}
+    batch = CachedTargets.batch
+
+    def timed(self, idx, views):  # this child process only
+        first.setdefault("s", time.perf_counter() - t0)
+        return batch(self, idx, views)
+
+    CachedTargets.batch = timed
+    r = run_train(TrainConfig.from_preset(
+        None, student=c.student, teacher=c.teacher, method=c.method, dataset=c.dataset, subset=c.samples, epochs=1,
+        batch_size=c.batch_size, max_steps=c.train_steps, eval_every=0, store_root=store_root, out_dir=out_dir,
+        run_name="views-check", results=None, progress=False, device=c.device, data_workers=0))
+    return {"startup_s": first["s"], "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "steps": r.steps}
+
+
+def _row_costs(cfg: ViewsCheckConfig, work: Path) -> list[dict]:
+    """Per recipe (5-column rrc, 36-column ofa_vit): bytes of one view's rows (P x 4 x N), and the
+    seconds to get them by deriving them from the seeds on the fly (`view_rows`: seeds and
+    `recipe.params` of that one view) against reading them from a store (`Store.epoch_params`),
+    the median of 3."""
+    import numpy as np
+
+    from kdcache.data import get_recipe, key_hashes, load_dataset
+    from kdcache.data.views import view_rows
+    from kdcache.extract import open_view_store
+
+    ds = load_dataset(cfg.dataset, "train", subset=cfg.samples)
+    n, kh, sizes = len(ds), key_hashes(ds.keys), ds.sizes()
+    ones = np.ones(n, dtype=np.int64)
+    out = []
+    for name in ("rrc", "ofa_vit"):
+        recipe = get_recipe(name)
+        store = open_view_store(ds, name, 2, 0, str(work / f"rows-{name}"), 4096, cfg.samples)
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return float(np.median(times))
+
+        derived = view_rows(recipe, 0, kh, *sizes, ones)
+        read = store.epoch_params(ones)
+        if not np.array_equal(derived, read):
+            raise RuntimeError(f"{name}: the derived view rows differ from the stored ones")
+        out.append({"recipe": name, "columns": len(recipe.columns), "bytes_per_view": len(recipe.columns) * 4 * n,
+                    "derive_s": best(lambda: view_rows(recipe, 0, kh, *sizes, ones)),
+                    "read_s": best(lambda: store.epoch_params(ones))})
+    return out
+
+
+def run_views_check(cfg: ViewsCheckConfig) -> list[dict]:
+    """Build one store per view count (same N), train from each in a fresh process, print start-up
+    and peak RSS with the ratio of the last to the first; then the view-table row costs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    work = Path(cfg.root)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = []
+    for v in cfg.views:
+        t = time.perf_counter()
+        path = build_views_store(cfg, v, work / f"v{v}" / "cache")
+        built = time.perf_counter() - t
+        console.print(f"views-check: {v} views: store built in {built:.0f}s; training ...")
+        m = run_in_child(_views_train, (asdict(cfg), str(work / f"v{v}" / "cache"), str(work / f"v{v}" / "runs")),
+                         f"views-check train ({v} views)")
+        rows.append({"views": v, "store_mb": _dir_mb(path), "table_mb": v * cfg.samples * 5 * 4 / 2**20, **m})
+    table = Table(title=f"kdcache bench-data --views-check: {cfg.samples} samples of {cfg.dataset}, rrc, "
+                        f"{cfg.dtype} targets, {cfg.teacher} -> {cfg.student} [{cfg.method}], {cfg.train_steps} steps, "
+                        f"{cfg.device}")
+    for col in ("views", "store MB", "full view table MB (no longer read)", "startup s", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["views"]), f"{r['store_mb']:.0f}", f"{r['table_mb']:.0f}", f"{r['startup_s']:.2f}",
+                      f"{r['peak_mb']:.0f}")
+    lo, hi = rows[0], rows[-1]
+    table.add_row(f"ratio {hi['views']}/{lo['views']}", f"{hi['store_mb'] / lo['store_mb']:.1f}",
+                  f"{hi['table_mb'] / lo['table_mb']:.1f}", f"{hi['startup_s'] / lo['startup_s']:.2f}",
+                  f"{hi['peak_mb'] / lo['peak_mb']:.2f}")
+    console.print(table)
+    costs = _row_costs(cfg, work)
+    per = Table(title=f"one view's rows of the view table ({cfg.samples} samples): stored vs derived from the seeds")
+    for col in ("recipe", "columns", "bytes per view", "read from store s", "derived from seeds s", "derive/read"):
+        per.add_column(col, justify="right")
+    for c in costs:
+        per.add_row(c["recipe"], str(c["columns"]), f"{c['bytes_per_view']:,}", f"{c['read_s']:.4f}",
+                    f"{c['derive_s']:.4f}", f"{c['derive_s'] / c['read_s']:.2f}")
+    console.print(per)
+    return rows + costs
+
+
+# --- extraction: several views per decode --------------------------------------------------------
+@dataclass
+class DecodeCheckConfig:
+    """`kdcache bench-data --decode-check`: extraction of `views` rrc views of a `samples`-image subset
+    of the generated JPEG folder with each `views_per_decode` in turn, each in a fresh process (a
+    random-weight `teacher`; the test-split measurement is left out): images (views) per second of
+    the block loop alone (`write_blocks`), the decodes it made, and images per second of the data
+    path alone (the same views decoded and rendered, no teacher), which is what K changes."""
+
+    root: str = "cache/bench-data"  # the generated folder (reused) and work/decode-check (remade)
+    size: int = 64
+    teacher: str = "resnet10t"
+    samples: int = 2000
+    views: int = 8
+    views_per_decode: tuple[int, ...] = (1, 8)
+    batch_size: int = 128
+    data_workers: int = 0
+    device: str = "auto"
+
+
+def _decode_extract(cfg: dict, folder: str, work: str, k: int) -> dict:
+    """In a fresh process: prepare a new store and time `write_blocks` over all its blocks with
+    `views_per_decode` k, counting the training images decoded in this process."""
+    from kdcache.data.datasets import ImageDataset
+    from kdcache.devices import resolve_device
+    from kdcache.extract import ExtractConfig, load_extract_teacher, prepare_extract, write_blocks
+
+    c = DecodeCheckConfig(**cfg)
+    decodes, image = [0], ImageDataset.image
+
+    def counted(self, i):  # this child process only (worker processes are not counted)
+        decodes[0] += self.images is None
+        return image(self, i)
+
+    ImageDataset.image = counted
+    ecfg = ExtractConfig(teacher=c.teacher, dataset="imagefolder", data_root=folder,
+                         checkpoint=str(Path(work) / "teacher.pt"), recipe="rrc", views=c.views, subset=c.samples,
+                         store_root=str(Path(work) / f"k{k}"), batch_size=c.batch_size, progress=False,
+                         device=c.device, data_workers=c.data_workers, views_per_decode=k)
+    device = resolve_device(c.device)
+    teacher = load_extract_teacher(ecfg)
+    plan = prepare_extract(ecfg, teacher, device)
+    teacher.to(device)
+    t0 = time.perf_counter()
+    images = write_blocks(teacher, plan.cache, plan.todo, ecfg.batch_size, ecfg.stage_grid, views_per_decode=k)
+    seconds, extract_decodes = time.perf_counter() - t0, decodes[0]
+    # the data path alone (decode + render of the same views, no teacher): what K saves, undiluted
+    import numpy as np
+
+    from kdcache.data.loader import ViewLoader
+
+    store, t0 = plan.store, time.perf_counter()
+    with ViewLoader(teacher.train, [teacher.render_spec], ecfg.batch_size, device, teacher.data_workers) as loader:
+        for j in range(plan.cache.array("done").shape[1]):
+            a, b = plan.cache.block_range(j)
+            for v0 in range(0, c.views, k):
+                stack = np.stack([store.block_params(v, a, b) for v in range(v0, min(v0 + k, c.views))])
+                for _ in loader.each_view(np.arange(a, b), stack):
+                    pass
+    data_s = time.perf_counter() - t0
+    return {"views_per_decode": k, "images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "decodes": extract_decodes, "data_images_per_s": images / data_s}
+
+
+def run_decode_check(cfg: DecodeCheckConfig) -> list[dict]:
+    """Extract the same views with each `views_per_decode`; print images/s, decodes, the speed-up."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdcache.data.loader import default_workers
+    from kdcache.models import build_model
+
+    console = Console(width=max(150, Console().width))
+    folder = generate_folder(Path(cfg.root), cfg.size, default_workers())
+    work = Path(cfg.root) / "work" / "decode-check"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    torch.manual_seed(0)
+    teacher = build_model(cfg.teacher, 10)
+    torch.save({"model": teacher.state_dict(), "alias": cfg.teacher, "num_classes": 10,
+                "input_size": teacher.spec.input_size}, work / "teacher.pt")
+    rows = []
+    for k in cfg.views_per_decode:
+        console.print(f"decode-check: extracting {cfg.views} views with views_per_decode {k} ...")
+        rows.append(run_in_child(_decode_extract, (asdict(cfg), str(folder), str(work), k),
+                                 f"decode-check extract (views_per_decode {k})"))
+    table = Table(title=f"kdcache bench-data --decode-check: {cfg.samples} JPEGs of {cfg.size} px x {cfg.views} rrc "
+                        f"views, {cfg.teacher} (random weights), batch {cfg.batch_size}, {cfg.data_workers} data "
+                        f"workers, {cfg.device}")
+    for col in ("views per decode", "views written", "extract s", "extract images/s", f"vs {cfg.views_per_decode[0]}",
+                "decodes (main process)", "data path alone images/s", f"vs {cfg.views_per_decode[0]}"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["views_per_decode"]), str(r["images"]), f"{r['seconds']:.1f}", f"{r['images_per_s']:.0f}",
+                      f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}",
+                      str(r["decodes"]) if not cfg.data_workers else "-", f"{r['data_images_per_s']:.0f}",
+                      f"{r['data_images_per_s'] / rows[0]['data_images_per_s']:.2f}")
+    console.print(table)
+    return rows

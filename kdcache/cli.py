@@ -75,8 +75,15 @@ def extract(
     stages: str = typer.Option("", help="extra stage maps to store, e.g. 3,4"),
     stage_views: Optional[int] = typer.Option(None, help="views that get stage maps (default all)"),
     stage_grid: int = typer.Option(0, help="pool stage maps to GxG (0 = full resolution)"),
+    stage_dtype: Optional[str] = typer.Option(None, help="stage maps as float16, float32 or int8 (one fp16 scale "
+                                              "per view, sample and channel); default: --dtype"),
+    stage_codec: str = typer.Option("zstd", help="lossless compressor of stage-map chunks: none, zstd or "
+                                    "blosc-zstd (bit shuffle + zstd)"),
+    embed_dtype: Optional[str] = typer.Option(None, help="pooled embeddings as float16, float32 or int8 (one fp16 "
+                                              "scale per view and sample); default: --dtype"),
     dtype: str = typer.Option("float16", help="float16 or float32"),
-    topk: int = typer.Option(0, help="store only the top-k logits + log-sum-exp (0 = dense)"),
+    topk: Optional[int] = typer.Option(None, help="store only the top-k logits + log-sum-exp (0 = dense; default: "
+                                       "20 for 1000 classes or more, else dense)"),
     view_seed: int = typer.Option(0, "--view-seed", help="seed of every (sample, view)'s augmentation"),
     old_seed: Optional[int] = typer.Option(None, "--seed", hidden=True),
     store_root: str = STORE_ROOT,
@@ -88,6 +95,9 @@ def extract(
     workers: Optional[int] = typer.Option(None, "--workers", help="start N local Dask worker processes (one per "
                                           "GPU) and spread the blocks over them"),
     data_workers: Optional[int] = DATA_WORKERS,
+    views_per_decode: int = typer.Option(8, "--views-per-decode", help="views of a sample block rendered from "
+                                         "one decode of its images (files are decoded once per this many views); "
+                                         "memory grows with it: this many blocks' outputs are held until written"),
     subset: Optional[int] = None,
     device: str = DEVICE,
     data_root: Optional[str] = None,
@@ -106,9 +116,12 @@ def extract(
     cfg = ExtractConfig(teacher=teacher, dataset=dataset, checkpoint=checkpoint, pretrained=pretrained,
                         recipe=recipe, views=views, view_seed=view_seed, store_root=store_root, dtype=dtype, topk=topk,
                         methods=_split_methods(methods), stages=stage_list, stage_views=stage_views,
-                        stage_grid=stage_grid, student_family=student_family, batch_size=batch_size,
+                        stage_grid=stage_grid, stage_dtype=stage_dtype, stage_codec=stage_codec,
+                        embed_dtype=embed_dtype,
+                        student_family=student_family, batch_size=batch_size,
                         block_n=block_n, blocks=blocks, device=device, subset=subset, data_root=data_root,
-                        download=download, checkpoint_dir=checkpoint_dir, data_workers=data_workers)
+                        download=download, checkpoint_dir=checkpoint_dir, data_workers=data_workers,
+                        views_per_decode=views_per_decode)
     if scheduler is not None or workers is not None:
         from kdcache.dask_extract import run_extract_dask
 
@@ -287,7 +300,9 @@ def verify(
             t = r.tolerance
             typer.echo(f"  replayed {r.pairs} (sample, view) pairs: max |logit diff| {r.max_logit_diff:.3g} "
                        f"(tol {t['logit']:g}), max KL {r.max_kl:.3g} (tol {t['kl']:g}), "
-                       f"min embed cosine {r.min_embed_cos:.6f} (tol {t['cos']:g})")
+                       f"min embed cosine {r.min_embed_cos:.6f} (tol {t['cos']:g})"
+                       + (f", max stage-map error {r.max_stage_err:.3g} of the channel's absmax (tol {t['stage']:.3g})"
+                          if "stage" in t else ""))
         if not repair:
             typer.secho("  OK" if r.ok else "  FAILED", fg="green" if r.ok else "red")
     if repair:
@@ -305,6 +320,44 @@ def verify(
         cmds = " ; ".join(report.next_commands())
         typer.echo(f"fix: kdcache verify {report.store.path} --repair, then {cmds}")
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("bench-stores")
+def bench_stores(
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="the trained CNN teacher "
+                                                     "(default checkpoints/<dataset>/<teacher>.pt)"),
+    teacher: str = typer.Option("convnext_pico", "--teacher"),
+    student: str = typer.Option("resmlp_pico", "--student"),
+    methods: str = typer.Option("fitnet,fbt", help="comma-separated methods trained from every store"),
+    dataset: str = DATASET,
+    subset: Optional[int] = typer.Option(2500, help="training samples (stratified subset)"),
+    recipe: str = typer.Option("padcrop", help="a sampling view recipe (a budget of views needs one)"),
+    views: int = typer.Option(16, help="views extracted (one per epoch)"),
+    epochs: int = typer.Option(16, help="epochs of every student run"),
+    grid: int = typer.Option(1, help="the pooled choice's grid (convnext_pico's stage 3 is 2x2 at 32 px)"),
+    budget: int = typer.Option(4, help="the budget choice's views with stage maps"),
+    choices: str = typer.Option("fp16,int8,int8+zstd,pooled,budget", help="which choices to measure"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds of every run"),
+    batch_size: int = 128,
+    max_steps: Optional[int] = typer.Option(None, help="stop every run after this many steps (a quick check)"),
+    sizes_only: bool = typer.Option(False, "--sizes-only", help="extract and measure store sizes, train nothing"),
+    workdir: str = typer.Option("runs/bench-stores", help="stores, runs and the table (bench-stores.md)"),
+    device: str = DEVICE,
+    data_root: Optional[str] = None,
+    download: bool = False,
+):
+    """Store size and student top-1 per stage-map storage choice (fp16, int8, int8+zstd, pooled, budget)."""
+    from kdcache.bench_stores import BenchStoresConfig, run_bench_stores
+
+    cfg = BenchStoresConfig(teacher=teacher, teacher_checkpoint=teacher_checkpoint, student=student,
+                            methods=_split_methods(methods), dataset=dataset, subset=subset, recipe=recipe, views=views,
+                            epochs=epochs, grid=grid, budget=budget,
+                            choices=tuple(c.strip() for c in choices.split(",") if c.strip()),
+                            seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), batch_size=batch_size,
+                            max_steps=max_steps, device=device, data_root=data_root, download=download, workdir=workdir)
+    _, path = run_bench_stores(cfg, train=not sizes_only)
+    typer.echo(path.read_text())
+    typer.echo(f"table written to {path}")
 
 
 @app.command()
@@ -353,10 +406,26 @@ def bench_data(
     train_steps: int = typer.Option(60, help="training steps per worker count"),
     device: str = DEVICE,
     results: str = typer.Option("results/bench-data.parquet", help="Parquet table the rows are appended to"),
+    views_check: bool = typer.Option(False, "--views-check", help="instead: start-up and peak RAM of a cached train "
+                                     "from stores of 10 and 300 views (same samples: --subset, default 20000)"),
+    decode_check: bool = typer.Option(False, "--decode-check", help="instead: extraction images/s of 8 views of "
+                                      "--subset JPEGs (default 2000) with views-per-decode 1 and 8"),
 ):
     """Extraction and cached training on a generated folder of 70k JPEGs with 0, 1, 2 loader workers:
     images/s, time to the first batch, peak memory; and the sample index built, reused, and not used."""
-    from kdcache.bench_data import BenchDataConfig, run_bench_data
+    from kdcache.bench_data import BenchDataConfig, ViewsCheckConfig, run_bench_data, run_views_check
+
+    if decode_check:
+        from kdcache.bench_data import DecodeCheckConfig, run_decode_check
+
+        counts = tuple(int(w) for w in workers.replace(",", " ").split())
+        run_decode_check(DecodeCheckConfig(root=root, size=size, teacher=teacher, samples=subset or 2000,
+                                           batch_size=batch_size, data_workers=counts[0], device=device))
+        return
+    if views_check:
+        run_views_check(ViewsCheckConfig(samples=subset or 20000, teacher=teacher, student=student, method=method,
+                                         batch_size=batch_size, device=device))
+        return
 
     counts = tuple(int(w) for w in workers.replace(",", " ").split())
     run_bench_data(BenchDataConfig(root=root, size=size, teacher=teacher, student=student, method=method, recipe=recipe,

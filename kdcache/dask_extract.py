@@ -3,7 +3,9 @@
 The client prepares the extraction exactly as a single process does (`prepare_extract`: the view
 table and the teacher's group are created once, by the client, before any task exists), cuts the
 blocks still to write into groups (a few tasks per worker slot: the overhead of a task stays small
-next to its blocks, and a lost worker costs at most one group) and submits one task per group. A
+next to its blocks, and a lost worker costs at most one group; a group holds one sample block's
+views together, so its task decodes those images once per `views_per_decode` views) and submits
+one task per group. A
 worker loads the teacher once and keeps it for its later tasks (`TeacherPool`, a WorkerPlugin, keyed
 by teacher, checkpoint sha256, data and device); each task writes its blocks with the same
 `write_blocks` as a single process. When a worker dies, Dask gives its tasks to another worker; the
@@ -129,7 +131,8 @@ def write_group(group: BlockGroup) -> GroupResult:
     teacher = worker_teacher(group.cfg, group.sha256)
     cache = _open(group, teacher)
     todo = [b for b in group.blocks if b in group.rewrite or not _marked(cache, *b)]
-    images = write_blocks(teacher, cache, todo, group.cfg.batch_size, group.cfg.stage_grid)
+    images = write_blocks(teacher, cache, todo, group.cfg.batch_size, group.cfg.stage_grid,
+                          views_per_decode=group.cfg.views_per_decode)
     return GroupResult(len(todo), images)
 
 
@@ -212,10 +215,17 @@ def _ensure_pool(client: Any) -> None:
         client.register_plugin(TeacherPool(), name=POOL)
 
 
-def _groups(todo: list[tuple[int, int]], slots: int) -> list[tuple[tuple[int, int], ...]]:
-    """Consecutive runs of the view-major block order, `TASKS_PER_SLOT` per worker slot."""
-    size = max(1, -(-len(todo) // (max(1, slots) * TASKS_PER_SLOT)))
-    return [tuple(todo[k:k + size]) for k in range(0, len(todo), size)]
+def _groups(todo: list[tuple[int, int]], slots: int, views_per_decode: int = 1) -> list[tuple[tuple[int, int], ...]]:
+    """Consecutive runs of the blocks in sample-block-major order (a sample block's views together,
+    so a task renders up to `views_per_decode` of them from one decode, as `write_blocks` does), about
+    `TASKS_PER_SLOT` per worker slot; a run longer than `views_per_decode` is a multiple of it, so
+    no decode is split between two tasks when a sample block's view count is a multiple too."""
+    order = sorted(todo, key=lambda b: (b[1], b[0]))
+    size = max(1, -(-len(order) // (max(1, slots) * TASKS_PER_SLOT)))
+    k = max(1, int(views_per_decode))
+    if size > k:
+        size = -(-size // k) * k
+    return [tuple(order[i:i + size]) for i in range(0, len(order), size)]
 
 
 def run_extract_on(client: Any, cfg: ExtractConfig) -> ExtractResult:
@@ -242,7 +252,7 @@ def run_extract_on(client: Any, cfg: ExtractConfig) -> ExtractResult:
         return BlockGroup(portable, store, sha256, blocks, frozenset(b for b in blocks if b in plan.marked))
 
     t0, written, images = time.perf_counter(), 0, 0
-    groups = _groups(plan.todo, slots)
+    groups = _groups(plan.todo, slots, cfg.views_per_decode)
     futures = [client.submit(write_group, group(blocks), key=f"{run}-{i}", resources=resources, pure=False,
                              priority=PRIORITY) for i, blocks in enumerate(groups)]
     size = {f.key: len(blocks) for f, blocks in zip(futures, groups)}

@@ -1,7 +1,8 @@
 """Stage one: run a teacher once over every planned view and write its outputs to the store.
 
-Work is cut into blocks (one view x `block_n` samples, aligned to chunks). Blocks already marked
-done are skipped, so a killed run resumes where it stopped, and processes given disjoint (or even
+Work is cut into blocks (one view x `block_n` samples, aligned to chunks); up to `views_per_decode`
+views of one sample block are rendered from one decode of its images. Blocks already marked done
+are skipped, so a killed run resumes where it stopped, and processes given disjoint (or even
 overlapping) `--blocks` ranges can share one store. Writes go through a one-thread writer so the
 next forward overlaps the previous block's write.
 
@@ -33,7 +34,7 @@ from kdcache.methods import Needs, method_needs
 from kdcache.models import MODELS, TapModel, describe
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, load_teacher, teacher_forward
 from kdcache.store import Store, StoreAttrs, TeacherAttrs, TeacherCache, store_path, versions
-from kdcache.store.schema import DONE, VIEW_PARAMS
+from kdcache.store.schema import DONE, STAGE_CODECS, STAGE_DTYPES, VIEW_PARAMS, default_topk
 
 
 @dataclass
@@ -47,11 +48,14 @@ class ExtractConfig:
     view_seed: int = 0  # the seed every (sample, view) parameter is drawn from
     store_root: str = "cache"
     dtype: str = "float16"
-    topk: int = 0  # 0: dense logits; k: top-k ids/values + log-sum-exp (large class counts)
+    topk: int | None = None  # 0: dense logits; k: top-k ids/values + log-sum-exp; None: k=20 from 1000 classes
     methods: tuple[str, ...] = ("kd",)  # what the store must serve; decides stages and tail
     stages: tuple[int, ...] = ()  # extra stage maps to store (1-based), beyond the methods' needs
     stage_views: int | None = None  # views with stage maps (default: all)
     stage_grid: int = 0  # pool stage maps to g x g (0: keep full resolution)
+    stage_dtype: str | None = None  # float16 | float32 | int8 (per-channel scales); None: `dtype`
+    stage_codec: str = "zstd"  # none | zstd | blosc-zstd: lossless compressor of stage-map chunks
+    embed_dtype: str | None = None  # None: `dtype`; "int8": one fp16 scale per (view, sample)
     student_family: str = "cnn"  # FBT needs depend on the pair's families
     batch_size: int = 256
     block_n: int = 4096
@@ -64,6 +68,7 @@ class ExtractConfig:
     progress: bool = True
     max_blocks: int | None = None  # stop after this many blocks (tests: simulated interruption)
     data_workers: int | None = None  # processes decoding a dataset of files (None: the machine's; 0: this one)
+    views_per_decode: int = 8  # views of a sample block rendered from one decode (K blocks' outputs held at once)
 
 
 @dataclass
@@ -144,10 +149,22 @@ def check_extract_config(cfg: ExtractConfig) -> None:
                                f"--teacher {rest[0] if rest else 'OTHER'} ...), then train with --teacher {cfg.teacher}")
     if cfg.dtype not in ("float16", "float32"):
         raise KDCacheError(f"--dtype {cfg.dtype!r} is not supported", expected="float16 or float32")
+    if cfg.stage_dtype is not None and cfg.stage_dtype not in STAGE_DTYPES:
+        raise KDCacheError(f"--stage-dtype {cfg.stage_dtype!r} is not supported", expected=" or ".join(STAGE_DTYPES))
+    if cfg.embed_dtype not in (None, "float16", "float32", "int8"):
+        raise KDCacheError(f"--embed-dtype {cfg.embed_dtype!r} is not supported", expected="float16, float32 or int8")
+    if cfg.stage_codec not in STAGE_CODECS:
+        raise KDCacheError(f"--stage-codec {cfg.stage_codec!r} is not known", expected=" or ".join(STAGE_CODECS))
+    if cfg.topk is not None and cfg.topk < 0:
+        raise KDCacheError(f"--topk {cfg.topk} is negative", expected="0 (dense logits) or k >= 1")
+    if cfg.stage_grid < 0 or (cfg.stage_views is not None and cfg.stage_views < 1):
+        raise KDCacheError(f"--stage-grid {cfg.stage_grid} / --stage-views {cfg.stage_views}: expected a grid >= 0 "
+                           "(0: full resolution) and a number of views >= 1")
     recipe = get_recipe(cfg.recipe)
     location(cfg.store_root)  # a URL scheme with no installed fsspec backend: refused before any work
     _parse_blocks(cfg.blocks)
-    for name, value in (("batch_size", cfg.batch_size), ("block_n", cfg.block_n)):
+    for name, value in (("batch_size", cfg.batch_size), ("block_n", cfg.block_n),
+                        ("views_per_decode", cfg.views_per_decode)):
         if value < 1:
             raise KDCacheError(f"--{name.replace('_', '-')} {value} is not a positive size", expected="an integer >= 1")
     recipe.check_views(_num_views(recipe, cfg.views))
@@ -173,6 +190,11 @@ def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int
     stage_views = (cfg.stage_views if cfg.stage_views is not None else n_views) if stages else 0
     if stage_views > n_views:
         raise KDCacheError(f"--stage-views {stage_views} exceeds the store's {n_views} views")
+    if 0 < stage_views < n_views and get_recipe(cfg.recipe).enumerates:
+        raise KDCacheError(f"--stage-views {stage_views}: recipe {cfg.recipe} enumerates all its {n_views} views and "
+                           "draws among them every epoch, so it has no schedule to reuse a budget of views",
+                           fix="leave --stage-views out, or use a sampling recipe (rrc, ofa_cnn, ofa_vit) whose "
+                               "epoch e uses view e % V")
     return TeacherAttrs(
         alias=cfg.teacher, timm_name=spec.timm_name, family=spec.family, checkpoint=meta["checkpoint"],
         checkpoint_sha256=meta["sha256"], pretrained=cfg.pretrained, input_size=meta["input_size"],
@@ -180,7 +202,10 @@ def teacher_attrs(cfg: ExtractConfig, model, meta: dict, needs, num_classes: int
         interpolation="bilinear" if get_recipe(cfg.recipe).columns == PARAM_NAMES else "per-view", dtype=cfg.dtype,
         num_classes=num_classes, embed_dim=info.embed_dim, stage_shapes=info.stage_shapes,
         stored_stages=stages, stage_views=stage_views, stage_grid=cfg.stage_grid, has_tail=needs.tail,
-        logits_topk=cfg.topk, teacher_acc=None, versions=versions(), autocast=autocast_name(device))
+        stage_dtype=cfg.stage_dtype or "", stage_codec=cfg.stage_codec,
+        embed_dtype="" if cfg.embed_dtype in (None, cfg.dtype) else cfg.embed_dtype,
+        logits_topk=default_topk(num_classes, cfg.topk), teacher_acc=None, versions=versions(),
+        autocast=autocast_name(device))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,8 +298,19 @@ def prepare_extract(cfg: ExtractConfig, teacher: Teacher, device: torch.device) 
 
 
 def write_blocks(teacher: Teacher, cache: TeacherCache, blocks: list[tuple[int, int]], batch_size: int,
-                 stage_grid: int, on_block: Callable[[int], None] | None = None) -> int:
-    """Render, run and write `blocks` [(view, sample block)] in order; returns the views written.
+                 stage_grid: int, on_block: Callable[[int], None] | None = None, views_per_decode: int = 1) -> int:
+    """Render, run and write `blocks` [(view, sample block)]; returns the views written.
+
+    The blocks are grouped by sample block (in the order each first appears in `blocks`; only the
+    blocks given are written: a Dask task's group, `--blocks`, or a resumed run's missing ones) and
+    up to `views_per_decode` (K) views of one sample block are rendered from one decode of its
+    images (`ViewLoader.each_view`): a dataset of files is decoded ceil(V / K) times per sample
+    instead of V times, which at ImageNet scale is most of the data path's cost. Each view's
+    batches are the ones a view-by-view pass gives (same samples, same rows, same pixels) and go
+    through `teacher_forward` one view batch at a time, as before, so the store is the same bit for
+    bit whatever K; only the order in which blocks are written changes. The K blocks' outputs are
+    held until handed to the writer (memory grows with K).
+
     Writes go through one writer thread (at most two blocks in flight), so the next forward overlaps
     the previous block's write; a block's done mark is written after all its arrays (write_block).
     `on_block(images)` is called as each block is handed to the writer (progress)."""
@@ -282,29 +318,44 @@ def write_blocks(teacher: Teacher, cache: TeacherCache, blocks: list[tuple[int, 
     stages, stage_views = cache.attrs.stored_stages, cache.attrs.stage_views
     recipe = get_recipe(store.attrs.recipe, **store.attrs.recipe_knobs)
     table_at, fix = join(store.path, VIEW_PARAMS), f"delete {store.path} and run {store.extract_command(cache.alias)}"
-    n, images = store.num_samples, 0
+    n, images, k = store.num_samples, 0, max(1, int(views_per_decode))
+    by_block: dict[int, list[int]] = {}  # sample block -> its views to write, in the given order
+    for v, j in blocks:
+        if v not in by_block.setdefault(j, []):
+            by_block[j].append(v)
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as writer, \
-            ViewLoader(teacher.train, [teacher.render_spec], batch_size, device, teacher.data_workers) as views:
-        for v, j in blocks:
+            ViewLoader(teacher.train, [teacher.render_spec], batch_size, device, teacher.data_workers) as loader:
+        for j, block_views in by_block.items():
             a, b = cache.block_range(j)
-            params = store.block_params(v, a, b)  # damaged chunks are named, not decoded
-            check_view_table(params, recipe, n, f"{table_at} (view {v}, samples {a}-{b})", store.attrs.param_names, fix)
-            logits, embed, maps = [], [], {k: [] for k in stages if v < stage_views}
-            for (x,), _ in views(np.arange(a, b), params):  # the loader's workers live across blocks
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                lg, em, st = teacher_forward(teacher.model, x, device, tuple(maps), stage_grid)
-                logits.append(lg), embed.append(em)
-                for k in maps:
-                    maps[k].append(st[k])
-            while len(pending) >= 2:  # bound memory: at most two blocks in flight
-                pending.pop(0).result()
-            pending.append(writer.submit(cache.write_block, v, j, np.concatenate(logits), np.concatenate(embed),
-                                         {k: np.concatenate(m) for k, m in maps.items()}))
-            images += b - a
-            if on_block is not None:
-                on_block(b - a)
+            for c in range(0, len(block_views), k):
+                group = block_views[c:c + k]
+                stack = []
+                for v in group:
+                    params = store.block_params(v, a, b)  # damaged chunks are named, not decoded
+                    check_view_table(params, recipe, n, f"{table_at} (view {v}, samples {a}-{b})",
+                                     store.attrs.param_names, fix)
+                    stack.append(params)
+                outs = [([], [], {s: [] for s in stages if v < stage_views}) for v in group]
+                # the loader's workers live across blocks; one decode serves the group's views
+                for views, _ in loader.each_view(np.arange(a, b), np.stack(stack)):
+                    for ((x,), (logits, embed, maps)) in zip(views, outs):
+                        if device.type == "cuda":
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        lg, em, st = teacher_forward(teacher.model, x, device, tuple(maps), stage_grid)
+                        logits.append(lg), embed.append(em)
+                        for s in maps:
+                            maps[s].append(st[s])
+                for v, (logits, embed, maps) in zip(group, outs):
+                    while len(pending) >= 2:  # bound the writer's queue: at most two blocks in flight
+                        pending.pop(0).result()
+                    pending.append(writer.submit(cache.write_block, v, j, np.concatenate(logits),
+                                                 np.concatenate(embed),
+                                                 {s: np.concatenate(m) for s, m in maps.items()}))
+                    images += b - a
+                    if on_block is not None:
+                        on_block(b - a)
+                outs.clear()
         for f in pending:
             f.result()
     return images
@@ -337,7 +388,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     t0 = time.perf_counter()
     with block_progress(cfg.teacher, len(plan.todo), cfg.progress) as advance:
         images = write_blocks(teacher, plan.cache, plan.todo, cfg.batch_size, cfg.stage_grid,
-                              on_block=lambda k: advance(1, k))
+                              on_block=lambda k: advance(1, k), views_per_decode=cfg.views_per_decode)
     seconds = time.perf_counter() - t0
     acc, done = measure_teacher(cfg, plan.cache, lambda: teacher, wrote=bool(plan.todo))
     return plan.result(len(plan.todo), images, seconds, acc, done)

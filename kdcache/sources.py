@@ -15,16 +15,17 @@ the two feed the student identical batches.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from kdcache.data import get_recipe
 from kdcache.data.loader import RenderSpec
 from kdcache.errors import KDCacheError
 from kdcache.models.teacher import load_teacher, teacher_forward
 from kdcache.store import Store, TeacherCache
-from kdcache.store.schema import EMBED, LOGITS, TAIL_FILE, stage_array
+from kdcache.store.schema import EMBED, LOGITS, TAIL_FILE, stage_array, stage_dtype_of
 from kdcache.store.stream import WindowedStageReader, quasi_random_order
 from kdcache.targets import Needs, TeacherInfo, TeacherTargets, ensemble_logits
 
@@ -59,7 +60,8 @@ def check_cache_serves(cache: TeacherCache, store: Store, needs: Needs, method: 
     missing = []
     if lacking:
         missing.append(f"teacher stage maps {lacking} (the store has {list(a.stored_stages) or 'none'})")
-    elif needs.stages and a.stage_views < store.attrs.num_views:
+    elif needs.stages and a.stage_views < store.attrs.num_views and get_recipe(store.attrs.recipe).enumerates:
+        # a sampling recipe reuses the budget (`stage_view_budget`); an enumerating one draws among all its views
         missing.append(f"stage maps for all {store.attrs.num_views} views (only {a.stage_views} have them)")
     if needs.tail and not cache.has_tail():
         missing.append(f"the frozen teacher tail ({TAIL_FILE})")
@@ -67,13 +69,49 @@ def check_cache_serves(cache: TeacherCache, store: Store, needs: Needs, method: 
         raise KDCacheError(f"method {method} needs " + "; ".join(missing) + f" in {store.path}", fix=fix)
 
 
+def stage_view_budget(caches: tuple[TeacherCache, ...], needs: Needs, num_views: int) -> tuple[int, str | None]:
+    """(the views a run uses, a note naming the reuse or None). A store whose stage maps cover only
+    Vf < V views (`--stage-views`) serves a method that reads stage maps by running the whole
+    schedule over views 0..Vf-1 (epoch e uses view e % Vf): its logits and embeddings come from
+    those views too, so every target of a step belongs to the view the student sees, and the online
+    source (the same view ids) replays exactly the same views. Methods without stage maps keep all V."""
+    if not needs.stages or not caches:
+        return num_views, None
+    budget = min(c.attrs.stage_views for c in caches)
+    if budget >= num_views:
+        return num_views, None
+    return budget, (f"stage maps cover {budget} of the store's {num_views} views: this run reuses views "
+                    f"0..{budget - 1} (epoch e uses view e % {budget}) for its stage maps, logits and embeddings")
+
+
+def target_encoding(caches: tuple[TeacherCache, ...], needs: Needs) -> dict[str, dict[str, Any]]:
+    """The lossy encodings of the targets a run reads (top-k logits, pooled or int8 stage maps), per
+    teacher; empty for dense logits and full maps in the store's dtype. Part of the run identity, so
+    runs from stores of other encodings never share a run key."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in caches:
+        a, enc = c.attrs, {}
+        if needs.logits and a.logits_topk:
+            enc["logits_topk"] = a.logits_topk
+        if needs.stages and a.stage_grid:
+            enc["stage_grid"] = a.stage_grid
+        if needs.stages and stage_dtype_of(a) != a.dtype:
+            enc["stage_dtype"] = stage_dtype_of(a)
+        if needs.embed and a.embed_dtype and a.embed_dtype != a.dtype:
+            enc["embed_dtype"] = a.embed_dtype
+        if enc:
+            out[a.alias] = enc
+    return out
+
+
 def held_target_names(cache: TeacherCache, needs: Needs, ram_budget_bytes: int) -> tuple[str, ...]:
     """What to read whole at the start of each epoch: logits and embeddings always (small), and
-    stage maps too while one epoch's worth fits the budget; larger maps are streamed per batch."""
+    stage maps too while one epoch's worth, held in the stored dtype, fits the budget; larger maps
+    are streamed per batch."""
     names = [n for n, want in ((LOGITS, needs.logits), (EMBED, needs.embed)) if want]
     for k in needs.stages:
         arr = cache.group[stage_array(k)]
-        if arr.shape[1] * int(np.prod(arr.shape[2:])) * 4 <= ram_budget_bytes:
+        if arr.shape[1] * int(np.prod(arr.shape[2:])) * np.dtype(arr.dtype).itemsize <= ram_budget_bytes:
             names.append(stage_array(k))
     return tuple(names)
 
@@ -109,7 +147,7 @@ class CachedTargets(NoTargets):
         self.cache, self.needs, self.device, self.window_chunks = cache, needs, device, window_chunks
         self.held_names = held_target_names(cache, needs, ram_budget_bytes)
         self.streamed = tuple(k for k in needs.stages if stage_array(k) not in self.held_names)
-        self.held: dict[str, np.ndarray] = {}
+        self.held: dict[str, Any] = {}  # in the stored dtype (top-k logits: `TopKRows`), widened per batch
         self.rows: np.ndarray | None = None  # the sorted samples `held` has rows for; None: all n
         self.stream: WindowedStageReader | None = None
         # samples per chunk of the streamed maps: the unit of the quasi-random order
@@ -138,6 +176,8 @@ class CachedTargets(NoTargets):
         return order
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """One batch of targets as float32 on the device: held targets stay in the stored dtype
+        (fp16: half the RAM of an epoch), widened here, per batch (exact: fp16 -> fp32 loses nothing)."""
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device, non_blocking=True)
 
     def batch(self, idx: np.ndarray, views: list[torch.Tensor]) -> TeacherTargets:

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.data import DATASETS, check_view_table, epoch_views, get_recipe, key_hashes, load_dataset, view_table
+from kdcache.data import DATASETS, check_view_table, epoch_views, get_recipe, key_hashes, load_dataset
 from kdcache.data.augment import COL, soft_targets
 from kdcache.data.index import index_location
+from kdcache.data.views import view_rows
 from kdcache.data.loader import RenderSpec, ViewLoader, resolve_workers, to_device_resident
 from kdcache.devices import autocast, resolve_device
 from kdcache.distributed import Group, Launch, launched, local_batch, process_group, rank_device, rank_seed, rank_share
@@ -45,7 +46,7 @@ from kdcache.progress import ProgressLog
 from kdcache.results import RunResult, git_commit
 from kdcache.runs import RunFolder, RunState, identity_digest
 from kdcache.sources import (CachedTargets, EnsembleTargets, NoTargets, OnlineTargets, check_cache_serves,
-                             ensemble_info, teacher_info)
+                             ensemble_info, stage_view_budget, target_encoding, teacher_info)
 from kdcache.store import Store, TeacherCache, store_path
 from kdcache.store.schema import EMBED, LOGITS, META_FILE, VIEW_PARAMS, jsonable
 from kdcache.targets import ensemble_members, uses_only_logits
@@ -173,10 +174,12 @@ class Plan:
     teacher_info: TeacherInfo | None
     num_views: int
     view_seed: int
-    params: np.ndarray  # [V, N, P] view table
     key_hash: np.ndarray
     recipe: Any
     soft_smoothing: float | None = None  # a mixing recipe: labels are soft, smoothed by this; None: int labels
+    # without a store: the source sizes (heights, widths) the epoch's view rows are drawn for (`epoch_params`).
+    # No [V, N, P] table is held: each epoch reads (or draws) only the rows of the views it uses.
+    sizes: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def mode(self) -> str:
@@ -225,29 +228,69 @@ def plan_run(cfg: TrainConfig, train) -> Plan:
     if needs.teacher:
         caches = tuple(store.teacher(m) for m in members)
         for cache in caches:
-            cache.check_complete()
+            done = cache.check_complete()
             check_cache_serves(cache, store, needs, cfg.method, cfg.dataset, cfg.store_root)
-            cache.check_integrity(tuple(n for n, w in ((LOGITS, needs.logits), (EMBED, needs.embed)) if w))
+            # no chunk is read here: chunks are verified as each epoch reads them (crc32c, missing
+            # chunks of done blocks), and in full by `kdcache verify`
+            cache.preflight(tuple(n for n, w in ((LOGITS, needs.logits), (EMBED, needs.embed)) if w), done)
         tinfo = teacher_info(caches[0]) if len(caches) == 1 else ensemble_info(list(caches))
         if any(c.attrs.num_classes != train.num_classes for c in caches):
             raise KDCacheError(f"teacher targets have {tinfo.num_classes} classes, dataset has {train.num_classes}")
+    sizes = None
     if store is not None:
         recipe = get_recipe(store.attrs.recipe, **store.attrs.recipe_knobs)
-        num_views, view_seed, params = store.attrs.num_views, store.attrs.view_seed, store.params()
-        check_view_table(params, recipe, len(train), str(join(store.path, VIEW_PARAMS)), store.attrs.param_names,
-                         f"delete {store.path} and run {store.extract_command()}")
+        num_views, view_seed = store.attrs.num_views, store.attrs.view_seed
+        num_views, reuse = stage_view_budget(caches, needs, num_views)  # --stage-views: views 0..Vf-1 only
+        if reuse is not None:
+            print(f"note: {reuse}")
+        # the table's columns against the recipe's, from its metadata (no row read: rows are read and
+        # checked per epoch, `epoch_params`)
+        columns = store.array(VIEW_PARAMS).shape[2]
+        check_view_table(np.zeros((0, columns), np.float32), recipe, len(train), str(join(store.path, VIEW_PARAMS)),
+                         store.attrs.param_names, f"delete {store.path} and run {store.extract_command()}")
     else:
         recipe = get_recipe(cfg.recipe)
         num_views, view_seed = cfg.views or recipe.views_for_epochs(cfg.epochs), cfg.view_seed
-        _, params = view_table(recipe, view_seed, train.keys, *train.sizes(), num_views)
+        recipe.check_views(num_views)
+        sizes = tuple(np.asarray(s, dtype=np.int64).reshape(-1) for s in train.sizes())
     smoothing = soft_label_smoothing(recipe, opts)
     if smoothing is not None:
         print(f"note: recipe {recipe.name} mixes views: labels are soft (each view's lambda, smoothing {smoothing:g} "
               f"from the method's label_smoothing)")
     if not recipe.enumerates and cfg.epochs > num_views:
         print(f"note: {cfg.epochs} epochs over {num_views} cached views: views repeat after epoch {num_views}")
-    return Plan(needs, method_cls, opts, store, caches, tinfo, num_views, view_seed, params, key_hashes(train.keys),
-                recipe, smoothing)
+    return Plan(needs, method_cls, opts, store, caches, tinfo, num_views, view_seed, key_hashes(train.keys), recipe,
+                smoothing, sizes)
+
+
+@dataclass(frozen=True)
+class EpochParams:
+    """One epoch's view-table rows: each sample's row in its view of the epoch, for the samples this
+    process trains on (a data-parallel rank's share, or all)."""
+
+    table: np.ndarray  # float32 [n, P]
+    rows: np.ndarray | None = None  # the sorted samples `table` holds; None: all N, in order
+
+    def at(self, idx: np.ndarray) -> np.ndarray:
+        """The rows of samples `idx` (which must be among `rows`)."""
+        return self.table[idx if self.rows is None else np.searchsorted(self.rows, idx)]
+
+
+def epoch_params(plan: Plan, view_ids: np.ndarray, rows: np.ndarray | None = None) -> EpochParams:
+    """The view-table rows of the epoch whose views are `view_ids` [N], for samples `rows` (sorted;
+    None: all): read from the store per distinct view and checked against the recipe as read (an
+    error names the view and the array), or, without a store, drawn from the seeds of only those
+    views. Never the whole [V, N, P] table: start-up and memory do not grow with the views."""
+    if plan.store is None:
+        return EpochParams(view_rows(plan.recipe, plan.view_seed, plan.key_hash, *plan.sizes, view_ids, rows), rows)
+    store = plan.store
+    where, fix = str(join(store.path, VIEW_PARAMS)), f"delete {store.path} and run {store.extract_command()}"
+
+    def check(block: np.ndarray, v: int) -> None:  # rows are samples; with `rows`, positions among the share's
+        at = f"{where}: view {v}" + ("" if rows is None else " (the rank's share of its samples)")
+        check_view_table(block, plan.recipe, store.num_samples, at, store.attrs.param_names, fix)
+
+    return EpochParams(store.epoch_params(view_ids, rows, check), rows)
 
 
 def soft_label_smoothing(recipe, method_opts: Any) -> float | None:
@@ -318,7 +361,8 @@ def run_identity(cfg: TrainConfig, plan: Plan, train, mode: str, world_size: int
     return {**{k: getattr(cfg, k) for k in IDENTITY_SETTINGS}, "mode": mode,
             "options": options_dict(plan.method_opts), "fingerprint": train.fingerprint.as_dict(),
             "views": {"recipe": plan.recipe.name, "num_views": plan.num_views, "view_seed": plan.view_seed},
-            "teacher_sha256": ",".join(c.attrs.checkpoint_sha256 for c in plan.caches) or None, **ddp}
+            "teacher_sha256": ",".join(c.attrs.checkpoint_sha256 for c in plan.caches) or None, **ddp,
+            **({"targets": enc} if (enc := target_encoding(plan.caches, plan.needs)) else {})}
 
 
 def run_name(cfg: TrainConfig, mode: str, identity: dict[str, Any]) -> str:
@@ -491,7 +535,7 @@ def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, flo
     writes, then hands its epoch row to the others so that every rank keeps the same state."""
     cfg, plan, device, student, method, opt = run.cfg, run.plan, run.device, run.student, run.method, run.opt
     dist = run.group
-    n, steps_per_epoch = len(run.train), math.ceil(len(run.train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(run.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs  # the lr schedule's length (max_steps only stops early)
     shown = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
     train_seconds, acc = sum(h["seconds"] for h in state.history), state.top1
@@ -504,20 +548,21 @@ def train_loop(run: Run, folder: RunFolder, state: RunState) -> tuple[float, flo
         for epoch in range(state.epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             view_ids = epoch_views(plan.recipe, plan.num_views, plan.view_seed, plan.key_hash, epoch)
-            view_params = plan.params[view_ids, np.arange(n)]
             order = run.source.begin_epoch(view_ids, torch.Generator().manual_seed(cfg.seed * 100003 + epoch), mine)
             share = share_of(order)
+            # only this epoch's rows, of the samples this process trains on (`mine`: a rank's share)
+            view_params = epoch_params(plan, view_ids, np.unique(share.order) if mine is not None else None)
             student.train(), method.train()
             sums: dict[str, float] = {}
             step_ends = [time.perf_counter()]
-            batches = loader(share.order, view_params[share.order], share.batch)  # its workers live across epochs
+            batches = loader(share.order, view_params.at(share.order), share.batch)  # its workers live across epochs
             for (views, idx), weight in zip(batches, share.weights):
                 if cfg.max_steps is not None and state.step >= cfg.max_steps:
                     break
                 for group in opt.param_groups:
                     group["lr"] = lr_at(state.step, total_steps, steps_per_epoch, cfg)
                 targets = run.source.batch(idx, views)
-                labels = batch_labels(plan, run.train, idx, view_params[idx], device)
+                labels = batch_labels(plan, run.train, idx, view_params.at(idx), device)
                 with autocast(device):
                     losses = run.step(views[0], targets, labels, stages=plan.needs.student_stages, epoch=epoch,
                                       step=state.step, total_epochs=cfg.epochs)

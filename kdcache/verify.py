@@ -9,7 +9,9 @@ Two checks:
    chunks deleted, so re-running the extract command restores exactly what was lost (store/integrity.py);
 2. replay: a random sample of (sample, view) pairs is re-rendered from the stored params, the
    teacher re-run, and the largest logit difference, the KL(cache || live) and the embedding
-   cosine are compared with tolerances (fp16 stores get fp16-sized ones).
+   cosine are compared with tolerances (fp16 stores get fp16-sized ones); stage maps (of the pairs
+   whose view has them) by their largest difference relative to each (sample, channel)'s absmax,
+   within half an int8 step (0.5/127) plus fp16 slack for int8 maps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from kdcache.errors import KDCacheError
 from kdcache.locations import is_dir, join, parent_of
 from kdcache.store import Store
 from kdcache.store.integrity import Damage, repair, scan_store
-from kdcache.store.schema import EMBED, LOGITS, teacher_group
+from kdcache.store.schema import EMBED, LOGITS, stage_dtype_of, teacher_group
 
 
 @dataclass
@@ -36,6 +38,7 @@ class VerifyReport:
     max_logit_diff: float = 0.0
     max_kl: float = 0.0
     min_embed_cos: float = 1.0
+    max_stage_err: float = 0.0  # max |cached - live| / absmax of the live (sample, channel) map
     tolerance: dict = field(default_factory=dict)
 
     @property
@@ -46,7 +49,8 @@ class VerifyReport:
     def ok(self) -> bool:
         t = self.tolerance
         return (not self.damage and self.max_logit_diff <= t.get("logit", np.inf)
-                and self.max_kl <= t.get("kl", np.inf) and self.min_embed_cos >= t.get("cos", -np.inf))
+                and self.max_kl <= t.get("kl", np.inf) and self.min_embed_cos >= t.get("cos", -np.inf)
+                and self.max_stage_err <= t.get("stage", np.inf))
 
 
 @dataclass
@@ -140,6 +144,9 @@ def _replay(store: Store, cache, report: VerifyReport, samples: int, seed: int, 
     a = cache.attrs
     fp16 = a.dtype == "float16"
     report.tolerance = {"logit": 5e-2 if fp16 else 1e-3, "kl": 1e-4 if fp16 else 1e-6, "cos": 0.999}
+    sdtype = stage_dtype_of(a)
+    if a.stored_stages:  # relative to the channel's absmax: int8 rounds to half a step of absmax / 127
+        report.tolerance["stage"] = {"int8": 0.5 / 127 + 2e-3, "float16": 2e-3}.get(sdtype, 1e-4)
     dev = resolve_device(device)
     fp = store.attrs.fingerprint
     subset = fp["n"] if fp["n"] else None
@@ -164,13 +171,25 @@ def _replay(store: Store, cache, report: VerifyReport, samples: int, seed: int, 
     table = store.params(rows)
     params = table[np.searchsorted(rows, views), idx]
     spec = RenderSpec(a.input_size, tuple(a.mean), tuple(a.std), tuple(ds.mean), tuple(ds.std))  # fill: the data's
-    cached_logits = cache.read_pairs(LOGITS, views, idx)
-    cached_embed = cache.read_pairs(EMBED, views, idx)
-    live_l, live_e = [], []
+    cached_logits = np.asarray(cache.read_pairs(LOGITS, views, idx), dtype=np.float32)  # stored dtype, widened
+    cached_embed = np.asarray(cache.read_pairs(EMBED, views, idx), dtype=np.float32)
+    live_l, live_e, live_s = [], [], {k: [] for k in a.stored_stages}
     for (x,), _ in iter_views(ds, idx, params, [spec], 256, dev):
-        lg, em, _ = teacher_forward(model, x, dev, (), 0)
+        lg, em, st = teacher_forward(model, x, dev, a.stored_stages, a.stage_grid)
         live_l.append(lg), live_e.append(em)
+        for k in live_s:
+            live_s[k].append(st[k])
     live_l, live_e = np.concatenate(live_l), np.concatenate(live_e)
+    mapped = views < a.stage_views  # pairs whose view has stage maps
+    for k, parts in live_s.items():
+        if not mapped.any():
+            break
+        live = np.concatenate(parts)[mapped]
+        cached = cache.stage_batch(k, views[mapped], idx[mapped])
+        axes = tuple(range(2, live.ndim))
+        absmax = np.abs(live).max(axis=axes, keepdims=True) if axes else np.abs(live)
+        err = np.abs(cached - live) / np.maximum(absmax, 1e-6)
+        report.max_stage_err = max(report.max_stage_err, float(err.max()))
     cl, ll = torch.from_numpy(cached_logits), torch.from_numpy(live_l)
     kl = F.kl_div(F.log_softmax(ll, 1), F.log_softmax(cl, 1), log_target=True, reduction="none").sum(1)
     cos = F.cosine_similarity(torch.from_numpy(cached_embed), torch.from_numpy(live_e), dim=1)

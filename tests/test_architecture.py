@@ -30,7 +30,7 @@ FLOORS = {
     "kdcache.methods": 3,
     "kdcache.evaluate": 4, "kdcache.sources": 4, "kdcache.results": 4.0, "kdcache.runs": 4.5,
     "kdcache.extract": 5, "kdcache.train": 5, "kdcache.dask_extract": 5.5,
-    "kdcache.sweep": 6, "kdcache.report": 6.5, "kdcache.bench": 6, "kdcache.bench_data": 6, "kdcache.demo": 6, "kdcache.verify": 6,
+    "kdcache.sweep": 6, "kdcache.report": 6.5, "kdcache.bench": 6, "kdcache.bench_data": 6, "kdcache.bench_stores": 6, "kdcache.demo": 6, "kdcache.verify": 6,
     "kdcache.inspect": 6, "kdcache.viewgrid": 6,
     "kdcache.cli": 7,
 }

@@ -326,8 +326,8 @@ def _train_args(store: Path) -> list[str]:
 @pytest.mark.parametrize("damage,argv,first", [
     (lambda s, t: edit_json(t / LOGITS / "zarr.json", lambda d: d.update(data_type="int32")), "train",
      r"error: \S+teachers/resnet10t/logits/zarr\.json says data_type 'int32', but 'float32' was recorded"),
-    (lambda s, t: flip(s / VIEW_PARAMS / "c" / "1" / "1" / "0"), "train",
-     r"error: damaged chunk \S+views/params/c/1/1/0 \(view 1, samples 32-64\): crc32c checksum mismatch"),
+    (lambda s, t: flip(s / VIEW_PARAMS / "c" / "0" / "1" / "0"), "train",  # view 0: the one epoch 1 reads
+     r"error: damaged chunk \S+views/params/c/0/1/0 \(view 0, samples 32-64\): crc32c checksum mismatch"),
     (lambda s, t: (t / DONE / "zarr.json").unlink(), "extract",
      r"error: \S+teachers/resnet10t/done/zarr\.json is missing"),
 ], ids=["train-dtype", "train-params-byte", "extract-done-json"])

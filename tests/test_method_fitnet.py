@@ -44,7 +44,7 @@ def _reference_hint(conv: torch.nn.Conv2d, fs: torch.Tensor, ft: torch.Tensor) -
     """Conv first, then average onto ft's grid, then MSE, all with explicit loops."""
     w, bias = conv.weight[:, :, 0, 0].detach().double(), conv.bias.detach().double()
     fs, ft = fs.detach().double(), ft.detach().double()
-    (b_, cs, hs, ws), (_, ct, ht, wt) = fs.shape, ft.shape
+    (b_, _, hs, ws), (_, ct, ht, wt) = fs.shape, ft.shape
     kh, kw = hs // ht, ws // wt
     total = 0.0
     for b in range(b_):

@@ -217,7 +217,7 @@ def test_cached_equals_online_on_ofa_vit(vit_store, method):
 def test_the_recipe_reaches_the_student(vit_store, synth_pipeline):
     """Not trivially equal: the same run on the rrc store (crop only, hard labels) trains other weights,
     and the labels of a mixing recipe are soft."""
-    from kdcache.train import batch_labels, plan_run
+    from kdcache.train import batch_labels, epoch_params, plan_run
 
     root, _ = vit_store
     plain, _ = synth_pipeline  # its store: 3 rrc views
@@ -225,9 +225,10 @@ def test_the_recipe_reaches_the_student(vit_store, synth_pipeline):
     ds = load_dataset("synthetic", "train")
     plan = plan_run(TrainConfig(student="deit_pico", teacher="resnet10t", method="kd", dataset="synthetic",
                                 store_root=str(root / "cache")), ds)
-    assert plan.soft_smoothing == 0.1 and plan.params.shape[-1] == len(A.COLUMNS)
+    rows = epoch_params(plan, np.zeros(len(ds), dtype=np.int64))  # every sample in view 0
+    assert plan.soft_smoothing == 0.1 and rows.table.shape[-1] == len(A.COLUMNS)
     idx = np.arange(8)
-    labels = batch_labels(plan, ds, idx, plan.params[0, idx], CPU)
+    labels = batch_labels(plan, ds, idx, rows.at(idx), CPU)
     assert labels.shape == (8, 10) and torch.allclose(labels.sum(1), torch.ones(8))
     assert (labels.max(1).values < 0.95).all()  # mixed and smoothed
 

@@ -37,7 +37,7 @@ REFERENCE = re.compile(r"(?<![\w./-])((?:docs/[\w./-]+\.md)|(?:tests/test_\w+\.p
 # A bare Markdown file name (no folder) must exist beside the file that names it or at the root,
 # unless it is the name of a file a command writes.
 BARE_MD = re.compile(r"(?<![\w./-])([\w-]+\.md)\b")
-WRITTEN_MD = {"report.md"}  # kdcache report writes it into its output folder
+WRITTEN_MD = {"report.md", "bench-stores.md"}  # written by kdcache report / bench-stores into their output folders
 # Markdown links: relative targets resolve from the file's own folder.
 MD_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)")
 # A folder beside the repository that developers have and users do not.

@@ -102,17 +102,23 @@ def test_flipped_byte_named_by_verify_and_training_refuses(synth_pipeline, tmp_p
     root, _ = synth_pipeline
     shutil.copytree(root / "cache", tmp_path / "cache")
     store = tmp_path / "cache" / "synthetic" / "train.zarr"
-    chunk = store / "teachers" / "resnet10t" / "logits" / "c" / "2" / "1" / "0"
+    # view 0: the view epoch 1 reads. Training verifies chunks as it reads them (no full read before
+    # step 1), so the flipped byte is named when the epoch's targets are read, before any step.
+    chunk = store / "teachers" / "resnet10t" / "logits" / "c" / "0" / "1" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))
     report = verify_store(store, replay=False)["resnet10t"]
     assert not report.ok and len(report.damaged) == 1
-    assert "logits/c/2/1/0" in report.damaged[0] and "view 2, samples 128-256" in report.damaged[0]
-    with pytest.raises(KDCacheError, match=r"(?s)damaged chunk .*logits/c/2/1/0 \(view 2, samples 128-256\)"):
+    assert "logits/c/0/1/0" in report.damaged[0] and "view 0, samples 128-256" in report.damaged[0]
+    with pytest.raises(KDCacheError, match=r"(?s)damaged chunk .*logits/c/0/1/0 \(view 0, samples 128-256\)"):
         run_train(TrainConfig(student="resnet10t", teacher="resnet10t", method="kd", dataset="synthetic", epochs=1,
-                              store_root=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"), results=None,
-                              progress=False, device="cpu"))
+                              store_root=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"),
+                              results=str(tmp_path / "runs.parquet"), progress=False, device="cpu"))
+    written = [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
+    assert not [f for f in written if f.suffix in (".pt", ".safetensors")], written  # no weights, no checkpoint
+    assert all(not f.read_text().strip() for f in written if f.suffix == ".jsonl")  # no epoch logged
+    assert not (tmp_path / "runs.parquet").exists()
 
 
 def test_verify_replay_passes_on_a_good_store(synth_pipeline):

@@ -146,14 +146,17 @@ def test_topk_store_reads_dense_logits_and_is_small(tmp_path):
             a, b = cache.block_range(j)
             cache.write_block(v, j, full[v, a:b], np.zeros((b - a, D)))
     view_ids = rng.integers(0, V, N)
-    got = cache.epoch_targets(view_ids)["logits"]
+    held = cache.epoch_targets(view_ids)["logits"]  # top-k, fp16 values: decoded per batch
+    assert held.vals.dtype == np.float16 and held.nbytes < N * C * 2
+    got = np.asarray(held)
     rows = full[view_ids, np.arange(N)]
     ids, vals, lse = topk_encode(rows, 3)
     want = topk_decode(ids, vals.astype(np.float16), lse, C)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got.argmax(1), rows.argmax(1))
     pairs = cache.read_pairs("logits", view_ids[:7], np.arange(7))
-    np.testing.assert_allclose(pairs, got[:7], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(pairs), got[:7], rtol=1e-6)
+    np.testing.assert_array_equal(held[np.array([3, 1])], got[[3, 1]])  # one batch decoded alone
     with pytest.raises(KDCacheError, match="--topk 10"):
         new_store(tmp_path / "b").create_teacher(teacher_attrs(alias="u", logits_topk=10, stored_stages=()), V)
 

@@ -116,7 +116,8 @@ def test_cifar100_dry_run_plan_without_data_or_gpu(tmp_path, monkeypatch):
         conv = tasks["extract:convnext_t@ofa_vit"]
         assert conv.config.recipe == "ofa_vit" and conv.config.store_root.endswith("ofa_vit")
         assert 3 in conv.needs.stages
-        assert conv.storage == 300 * 50000 * ((100 + 768) + 384 * 14 * 14) * 2
+        # int8 (plus an fp16 scale per channel) for a budget of 16 views (pipelines/cifar100.toml)
+        assert conv.storage == 300 * 50000 * (100 + 768) * 2 + 16 * 50000 * (384 * 14 * 14 + 2 * 384)
 
 
 def test_cifar100_without_data_or_gpu_fails_at_once(tmp_path, monkeypatch):

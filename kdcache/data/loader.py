@@ -6,7 +6,9 @@ device when it is a GPU. Datasets of files (ImageFolder) are decoded and rendere
 the loader, across epochs and extraction blocks: one batch per task, two batches in flight per
 worker, pinned memory on CUDA. A batch decodes each of its images once, however many views it
 renders from it (a sample's several views given as rows [n, K, P], every spec's size, a mixing
-partner), and renders its rows that share a source size together (`render_files`). Which process
+partner), and renders its rows that share a source size together (`render_files`); extraction
+renders K views of a batch of samples from one decode, each view's batch as its own pass would give
+it (`ViewLoader.each_view`, `render_file_views`). Which process
 renders a batch never changes a pixel: rendering is a pure function of image and row, equal bit
 for bit batched or alone, so 0, 1 or N workers give identical batches (tests/test_data_workers.py).
 A file that cannot be decoded, in a worker or not, surfaces as the dataset's KDCacheError naming
@@ -135,13 +137,46 @@ def render_files(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray,
     indices = np.asarray(indices, dtype=np.int64)
     rows, k = _rows_of(params, len(indices))
     samples = np.repeat(indices, k)
+    return _render_decoded(_decode(dataset, samples, [rows]), samples, rows, specs)
+
+
+def render_file_views(dataset: ImageDataset, indices: np.ndarray, stack: np.ndarray,
+                      specs: list[RenderSpec]) -> list[list[torch.Tensor]]:
+    """K views of one batch of a dataset of files from ONE decode: for samples `indices` [n] and a
+    stack of K row sets [K, n, P] (view k's row of indices[r] at stack[k, r]), [view k][spec] float32
+    [n, C, size, size]. Extraction at V views would otherwise decode every image V times, and
+    at ImageNet scale the decode, not the render, is the cost. Each view is rendered exactly as
+    `render_files(dataset, indices, stack[k], specs)` renders it (same rows, same groups), so the
+    pixels are those of the one-view call, bit for bit."""
+    indices = np.asarray(indices, dtype=np.int64)
+    stack = np.asarray(stack)
+    if stack.ndim != 3 or stack.shape[1] != len(indices):
+        raise KDCacheError(f"view row stack of shape {stack.shape} for {len(indices)} samples",
+                           expected="[K, n, P]: K row sets, one row per sample each")
+    images = _decode(dataset, indices, list(stack))
+    return [_render_decoded(images, indices, rows, specs) for rows in stack]
+
+
+def _decode(dataset: ImageDataset, samples: np.ndarray, row_sets: list[np.ndarray]) -> dict[int, torch.Tensor]:
+    """{position: uint8 [3, H, W]} of `samples` and of the mixing partners any of `row_sets` uses:
+    each image decoded once (in sorted order, as render_files always did)."""
+    needed = set(np.asarray(samples).tolist())
+    for rows in row_sets:
+        mates = partner_positions(rows)
+        if mates is not None:
+            needed |= set(mates[rows[:, COL["mx_mode"]] > 0].tolist())
+    return {i: dataset.image(i) for i in sorted(needed)}
+
+
+def _render_decoded(images: dict[int, torch.Tensor], samples: np.ndarray, rows: np.ndarray,
+                    specs: list[RenderSpec]) -> list[torch.Tensor]:
+    """float32 [len(rows), C, size, size] per spec: row r of `rows` rendered from images[samples[r]]
+    (and its partner's image), the rows that share source sizes together."""
     mates = partner_positions(rows)
     mixing = np.zeros(len(rows), dtype=bool) if mates is None else rows[:, COL["mx_mode"]] > 0
-    needed = set(samples.tolist()) | (set(mates[mixing].tolist()) if mates is not None else set())
-    images = {i: dataset.image(i) for i in sorted(needed)}
     shape = {i: tuple(im.shape[1:]) for i, im in images.items()}
     groups: dict[tuple, list[int]] = {}
-    for r, i in enumerate(samples.tolist()):
+    for r, i in enumerate(np.asarray(samples).tolist()):
         partner = shape[int(mates[r])] if mixing[r] else ()
         groups.setdefault((shape[i], partner), []).append(r)
     channels = next(iter(images.values())).shape[0]
@@ -190,12 +225,15 @@ class _Plan(torch.utils.data.Sampler):
 
 
 class _FileBatches(torch.utils.data.Dataset):
-    """`render_files` for a worker: the batch is the key."""
+    """`render_files` for a worker: the batch is the key. A key (indices, stack [K, n, P], True) is
+    K views of those samples from one decode (`render_file_views`)."""
 
     def __init__(self, dataset: ImageDataset, specs: list[RenderSpec]):
         self.dataset, self.specs = dataset, list(specs)
 
-    def __getitem__(self, work: tuple[np.ndarray, np.ndarray]) -> list[torch.Tensor]:
+    def __getitem__(self, work: tuple) -> list:
+        if len(work) == 3 and work[2]:
+            return render_file_views(self.dataset, work[0], work[1], self.specs)
         return render_files(self.dataset, work[0], work[1], self.specs)
 
 
@@ -267,17 +305,63 @@ class ViewLoader:
                     views = render_files(self.dataset, idx, rows, self.specs)
                 yield [v.to(self.device) for v in views], idx
             return
+        for views, idx in self._from_workers(work):
+            yield [v.to(self.device, non_blocking=True) for v in views], idx
+
+    def _from_workers(self, work: list[tuple]) -> Iterator[tuple[list, np.ndarray]]:
+        """(the workers' output, sample indices) of each work item, in order."""
         self._plan.work, self._plan.open = work, True
         batches = iter(self._dataloader())
-        for idx, rows in work:
+        for item in work:
             try:
-                views = next(batches)
+                out = next(batches)
             except Exception:
                 # a worker's KDCacheError arrives re-wrapped: render the batch here, which raises it
                 # named (file, sample key, fix); if it renders, the worker's error stands
-                render_files(self.dataset, idx, rows, self.specs)
+                _FileBatches(self.dataset, self.specs)[item]
                 raise
-            yield [v.to(self.device, non_blocking=True) for v in views], idx
+            yield out, item[0]
+
+    def each_view(self, indices: np.ndarray, stack: np.ndarray, batch_size: int | None = None
+                  ) -> Iterator[tuple[list[list[torch.Tensor]], np.ndarray]]:
+        """One pass over K views at once: `stack` [K, n, P] holds K row sets for samples `indices`
+        [n]; yields ([view k][spec] float32 [b, C, size, size], sample indices [b]) per batch of
+        `batch_size` samples (this pass's, default the loader's): the same batches, sample for sample,
+        as K passes `loader(indices, stack[k])` would give, and the same pixels, but a dataset of files
+        decodes each image once for the K views instead of K times.
+
+        With workers, a batch is cut into K work items of about batch_size / K samples x K views
+        each, so a work item (and the memory in flight: workers x prefetch items) stays one batch of
+        rows, whatever K; the pieces' rows are joined here. Rendering is equal bit for bit batched
+        or alone (tests/test_data_workers.py), so the joined batch is the one-piece batch. With 0
+        workers the batch is decoded once and each view rendered whole; in-memory datasets (no
+        decode) render each view from the held images, as `loader(indices, stack[k])` does."""
+        indices, stack = np.asarray(indices), np.asarray(stack)
+        if stack.ndim != 3 or stack.shape[1] != len(indices):
+            raise KDCacheError(f"view row stack of shape {stack.shape} for {len(indices)} samples",
+                               expected="[K, n, P]: K row sets, one row per sample each")
+        k = int(stack.shape[0])
+        step = max(1, int(batch_size or self.batch_size))
+        spans = [(a, min(a + step, len(indices))) for a in range(0, len(indices), step)]
+        if self.dataset.images is not None:
+            for a, b in spans:
+                yield [self._render_held(indices[a:b], stack[v, a:b]) for v in range(k)], indices[a:b]
+            return
+        if self.workers == 0:
+            for a, b in spans:
+                with _one_thread():
+                    views = render_file_views(self.dataset, indices[a:b], stack[:, a:b], self.specs)
+                yield [[x.to(self.device) for x in per_spec] for per_spec in views], indices[a:b]
+            return
+        piece = max(1, -(-step // k))
+        cuts = [[(p, min(p + piece, b)) for p in range(a, b, piece)] for a, b in spans]
+        work = [(indices[p:q], np.ascontiguousarray(stack[:, p:q]), True) for pieces in cuts for p, q in pieces]
+        done = self._from_workers(work)
+        for (a, b), pieces in zip(spans, cuts):
+            parts = [next(done)[0] for _ in pieces]  # [piece][view][spec]
+            views = [[torch.cat([part[v][s] for part in parts]) if len(parts) > 1 else parts[0][v][s]
+                      for s in range(len(self.specs))] for v in range(k)]
+            yield [[x.to(self.device, non_blocking=True) for x in per_spec] for per_spec in views], indices[a:b]
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
         if self._loader is None:
@@ -291,18 +375,21 @@ class ViewLoader:
         return self._loader
 
     def _in_memory(self, indices: np.ndarray, params: np.ndarray, spans: list[tuple[int, int]]):
-        images = self.dataset.images
         for a, b in spans:
-            idx = indices[a:b]
-            rows, k = _rows_of(params[a:b], b - a)
-            gather = torch.as_tensor(np.repeat(idx, k), device=images.device)
-            raw = images[gather].to(self.device, non_blocking=True)
-            mates = partner_positions(rows)
-            partners = None
-            if mates is not None:  # the partner images (a gather; only mixing rows use them)
-                partners = images[torch.as_tensor(mates, device=images.device)].to(self.device, non_blocking=True)
-            p = torch.as_tensor(rows, device=self.device)
-            yield [render_rows(raw, p, s, partners) for s in self.specs], idx
+            yield self._render_held(indices[a:b], params[a:b]), indices[a:b]
+
+    def _render_held(self, idx: np.ndarray, params: np.ndarray) -> list[torch.Tensor]:
+        """One batch of an in-memory dataset, one tensor per spec (params [n, P] or [n, K, P])."""
+        images = self.dataset.images
+        rows, k = _rows_of(params, len(idx))
+        gather = torch.as_tensor(np.repeat(idx, k), device=images.device)
+        raw = images[gather].to(self.device, non_blocking=True)
+        mates = partner_positions(rows)
+        partners = None
+        if mates is not None:  # the partner images (a gather; only mixing rows use them)
+            partners = images[torch.as_tensor(mates, device=images.device)].to(self.device, non_blocking=True)
+        p = torch.as_tensor(rows, device=self.device)
+        return [render_rows(raw, p, s, partners) for s in self.specs]
 
 
 def iter_views(dataset: ImageDataset, indices: np.ndarray, params: np.ndarray, specs: list[RenderSpec],

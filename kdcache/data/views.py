@@ -405,6 +405,31 @@ def view_table(recipe: Recipe, view_seed: int, keys: Sequence[str], heights, wid
     return seeds, recipe.params(seeds, views, heights, widths)
 
 
+def view_rows(recipe: Recipe, view_seed: int, key_hash: np.ndarray, heights, widths, view_ids: np.ndarray,
+              rows: np.ndarray | None = None) -> np.ndarray:
+    """float32 [n, P]: the params of sample `rows[r]` (every sample when None) in its own view
+    `view_ids[sample]` (view_ids: [N], one view per sample), drawn from the seeds of only the views
+    used, one view at a time: memory O(N x P) whatever the number of views, where the whole
+    `view_table` is [V, N, P]. Bit for bit `view_table(...)[1][view_ids, arange(N)][rows]`: every
+    recipe draws a row from its own (sample, view) seed, and a view is drawn for all N samples
+    (mixing partners are positions among them) before its rows are picked."""
+    view_ids = np.asarray(view_ids, dtype=np.int64).reshape(-1)
+    kh = np.asarray(key_hash, dtype=np.uint64).reshape(-1)
+    heights = np.asarray(heights, dtype=np.int64).reshape(-1)
+    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+    if not len(view_ids) == len(kh) == len(heights) == len(widths):
+        raise KDCacheError(f"view rows: {len(view_ids)} view ids for {len(kh)} keys, {len(heights)} heights and "
+                           f"{len(widths)} widths", expected="one view id, key and (height, width) per sample")
+    samples = np.arange(len(view_ids)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((len(samples), len(recipe.columns)), dtype=np.float32)
+    views = view_ids[samples]
+    for v in np.unique(views):
+        sel = np.flatnonzero(views == v)
+        one = np.array([v], dtype=np.int64)
+        out[sel] = recipe.params(view_seeds(view_seed, kh, one), one, heights, widths)[0][samples[sel]]
+    return out
+
+
 def check_view_table(params, recipe: Recipe, num_samples: int, where: str, names: Sequence[str] | None = None,
                      fix: str | None = None) -> None:
     """Refuse a view table [V, N, P] (or a block of its rows [n, P]) that `recipe` cannot have drawn,

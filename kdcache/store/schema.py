@@ -5,9 +5,10 @@ Layout (one Zarr v3 group per dataset split):
         samples/label[N], samples/key_hash[N]
         views/seed[V, N], views/params[V, N, P]
         teachers/<alias>/                      attrs["kdcache"] = TeacherAttrs
-            logits[V, N, C], embed[V, N, D]     (or, in top-k mode, logits_ids/logits_vals[V, N, k]
+            logits[V, N, C], embed[V, N, D]     (int8 embed: plus embed_scale[V, N];
+                                                 in top-k mode, logits_ids/logits_vals[V, N, k]
                                                  and logits_lse[V, N] instead of logits)
-            stages/s<k>[Vf, N, C_k, H_k, W_k]
+            stages/s<k>[Vf, N, C_k, H_k, W_k]   (int8 stage maps: plus stages/s<k>_scale[Vf, N, C_k])
             done[V, n_blocks]                  1 once every array of block (v, j) is written
             tail.safetensors                   frozen last stage + norm + head (FBT), sha256 in the attrs
 Chunks are unsharded (one file each) and carry a crc32c checksum, so parallel writers of different
@@ -56,6 +57,32 @@ GROUP_META = {"attributes": {}, "zarr_format": 3, "node_type": "group"}  # an in
 def stage_array(k: int) -> str:
     """The array of 1-based stage k's maps inside a teacher group."""
     return f"stages/s{k}"
+
+
+def scale_array(name: str) -> str:
+    """The fp16 per-(view, sample, channel) scales of an int8 array (`stages/s3` -> `stages/s3_scale`)."""
+    return f"{name}_scale"
+
+
+STAGE_DTYPES = ("float16", "float32", "int8")
+"""How stage maps may be stored. int8: symmetric, one fp16 scale per (view, sample, channel), see
+`store.quantise_int8` (about half the bytes of fp16, error at most half a scale step per element)."""
+STAGE_CODECS = ("none", "zstd", "blosc-zstd")
+"""Lossless compressors of stage-map chunks (the crc32c checksum follows each): `zstd` (level 1, the
+default and what stores written before this setting existed have), `blosc-zstd` (Blosc with bit
+shuffle then zstd level 5: slower, smaller for fp16 maps), `none`."""
+DEFAULT_TOPK = 20
+"""Top-k logits kept by default when a dataset has 1000 classes or more: 4k + 4 bytes per (view, sample)
+instead of 2C (84 B instead of 2000 B at ImageNet), the teacher's 20 largest probabilities exact."""
+TOPK_FROM_CLASSES = 1000
+
+
+def default_topk(num_classes: int, topk: int | None) -> int:
+    """The top-k a store gets: `topk` when given (0: dense logits), else DEFAULT_TOPK for 1000+ classes,
+    where dense logits dominate a store (ImageNet: 2 KB per view and sample) and dense otherwise."""
+    if topk is not None:
+        return int(topk)
+    return DEFAULT_TOPK if num_classes >= TOPK_FROM_CLASSES else 0
 
 
 def teacher_group(alias: str) -> str:
@@ -119,6 +146,10 @@ class TeacherAttrs:
     stored_stages: tuple[int, ...] = ()  # 1-based stages written under stages/
     stage_views: int = 0  # Vf: how many views have stage maps
     stage_grid: int = 0  # 0: full resolution; g: adaptive-average-pooled to g x g
+    # stage maps' stored dtype ("" = `dtype`, as in stores written before this field) and chunk compressor
+    stage_dtype: str = ""
+    stage_codec: str = "zstd"
+    embed_dtype: str = ""  # "" = `dtype`; "int8": codes + embed_scale[V, N] (one fp16 scale per view and sample)
     has_tail: bool = False
     logits_topk: int = 0  # 0: dense logits[V, N, C]; k: top-k ids/values + log-sum-exp per view
     teacher_acc: float | None = None  # top-1 on the test split, eval recipe
@@ -126,6 +157,11 @@ class TeacherAttrs:
     autocast: str = "none"
     tail_sha256: str | None = None  # of tail.safetensors as extract wrote it; checked before every load
     arrays: dict[str, Any] = field(default_factory=dict)  # target array -> its zarr metadata at creation
+
+
+def stage_dtype_of(attrs: TeacherAttrs) -> str:
+    """The dtype stage maps are stored in: `stage_dtype`, or the store's `dtype` when unset."""
+    return attrs.stage_dtype or attrs.dtype
 
 
 def check_schema_version(block: dict[str, Any], path: str | Path) -> None:

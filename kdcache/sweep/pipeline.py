@@ -21,6 +21,7 @@ from kdcache.locations import Location, is_url, join, location, name_of, parent_
 from kdcache.models import MODELS
 from kdcache.models.teacher import DEFAULT_CHECKPOINT_DIR, default_teacher_checkpoint
 from kdcache.presets import PRESETS
+from kdcache.store.schema import STAGE_CODECS, STAGE_DTYPES
 from kdcache.targets import ensemble_members
 from kdcache.train import TrainConfig
 
@@ -31,7 +32,8 @@ except ModuleNotFoundError:  # Python 3.10 (requires-python >= 3.10)
 
 TOP_KEYS = {"name", "benchmark", "description", "device", "seeds", "methods", "pairs", "max_steps", "gpus_per_run", "dataset",
             "views", "recipes", "extract", "paths", "presets", "train", "options", "teachers"}
-EXTRACT_KEYS = ("batch_size", "block_n", "stage_grid", "stage_views")
+EXTRACT_KEYS = ("batch_size", "block_n", "stage_grid", "stage_views", "stage_dtype", "stage_codec", "topk",
+                "embed_dtype")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Pipeline:
     views: int | None
     view_seed: int
     dtype: str
-    extract: dict[str, Any]  # batch_size, block_n, stage_grid, stage_views
+    extract: dict[str, Any]  # EXTRACT_KEYS: ExtractConfig fields of every extraction
     store_root: Location  # a Path, or a URL string (s3://...)
     out_dir: Path
     results: Location  # a Path, or a URL string
@@ -223,6 +225,7 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
     train = table("train")
     problems += [f"[extract] has unknown key {k!r} (known: {', '.join(EXTRACT_KEYS)})"
                  for k in sorted(set(ext) - set(EXTRACT_KEYS))]
+    problems += _extract_problems(ext)
     pipe = Pipeline(
         name=name, path=path.resolve(), benchmark=str(doc.get("benchmark", dataset)), dataset=dataset,
         subset=int(subset) if subset else None,
@@ -251,6 +254,22 @@ def load_pipeline(path: str | Path, workdir: str | Path | None = None) -> Pipeli
         raise KDCacheError(f"pipeline {path} has {len(problems)} problem(s):\n    - " + "\n    - ".join(problems),
                            fix=f"edit {path}")
     return pipe
+
+
+def _extract_problems(ext: dict[str, Any]) -> list[str]:
+    """[extract] values that no extraction could use, named before anything runs."""
+    problems = []
+    if "stage_dtype" in ext and ext["stage_dtype"] not in STAGE_DTYPES:
+        problems.append(f"[extract] stage_dtype = {ext['stage_dtype']!r}: expected one of {', '.join(STAGE_DTYPES)}")
+    if "embed_dtype" in ext and ext["embed_dtype"] not in ("float16", "float32", "int8"):
+        problems.append(f"[extract] embed_dtype = {ext['embed_dtype']!r}: expected float16, float32 or int8")
+    if "stage_codec" in ext and ext["stage_codec"] not in STAGE_CODECS:
+        problems.append(f"[extract] stage_codec = {ext['stage_codec']!r}: expected one of {', '.join(STAGE_CODECS)}")
+    for key, least in (("topk", 0), ("stage_grid", 0), ("stage_views", 1), ("batch_size", 1), ("block_n", 1)):
+        v = ext.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+            problems.append(f"[extract] {key} = {v!r}: expected an integer >= {least}")
+    return problems
 
 
 def validate_names(pipe: Pipeline) -> list[str]:

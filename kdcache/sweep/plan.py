@@ -19,6 +19,7 @@ Planning reads no data and needs no GPU; showing the plan is show.py's job, runn
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -37,7 +38,7 @@ from kdcache.models.teacher import teacher_run_name
 from kdcache.locations import is_file, join
 from kdcache.results import read_results
 from kdcache.store import Store, store_path
-from kdcache.store.schema import META_FILE
+from kdcache.store.schema import DEFAULT_TOPK, META_FILE, default_topk
 from kdcache.sweep.pipeline import Pipeline, TeacherSpec
 from kdcache.targets import ensemble_members, uses_only_logits
 from kdcache.train import TrainConfig
@@ -65,6 +66,7 @@ class Task:
     seed: int = 0
     needs: Needs | None = None  # train: what the run reads; extract: the union over its runs
     gpus: int = 1  # processes (GPUs) of a student run: > 1 is a DDP run under torchrun
+    estimate: Any = None  # extract: its StorageEstimate (bytes per view, per stage-map choice)
 
     @property
     def label(self) -> str:
@@ -407,25 +409,129 @@ def teacher_shapes(alias: str, num_classes: int) -> ModelInfo:
     return _SHAPES[key]
 
 
-def _storage(alias: str, num_classes: int, n: int, views: int, needs: Needs, pipe: Pipeline) -> int:
-    """Bytes of one teacher's targets: views x N x (C + D_t) x dtype, plus stage maps."""
-    info = teacher_shapes(alias, num_classes)
-    item = 2 if pipe.dtype == "float16" else 4
-    total = views * n * (num_classes + info.embed_dim) * item
-    grid = int(pipe.extract.get("stage_grid", 0) or 0)
-    stage_views = int(pipe.extract.get("stage_views", views) or views)
-    for k in needs.stages:
-        ch, h, w = info.stage_shapes[k - 1]
+ITEM = {"float16": 2, "float32": 4, "int8": 1}
+ANY_GRID = 7  # the pooled grid shown as a choice when the pipeline sets none (the last stage's size at 224)
+ANY_BUDGET = 16  # the view budget shown as a choice when the pipeline sets none
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """One way to store an extraction's stage maps: bytes of one view (all N samples, scales
+    included) and the views that get them. `measured`: False when a compressor's saving is not
+    known before extraction (the bytes are then the uncompressed ones, an upper bound)."""
+
+    kind: str  # full | int8 | int8+zstd | pooled | budget | chosen
+    label: str
+    bytes_per_view: int
+    views: int
+    measured: bool = True
+
+    @property
+    def total(self) -> int:
+        return self.bytes_per_view * self.views
+
+
+@dataclass(frozen=True)
+class StorageEstimate:
+    """An extraction's bytes: its per-view targets (logits or top-k, embedding) over all V views, and
+    its stage maps under each choice (the pipeline's own marked `chosen`)."""
+
+    views: int
+    target_bytes_per_view: int  # logits (dense or top-k) + embedding, all N samples of one view
+    targets_label: str
+    choices: tuple[StageChoice, ...] = ()
+    # (label, bytes per view) of the per-view targets stored otherwise: dense or top-k logits, fp16 or
+    # int8 embeddings (the pipeline's own is `targets_label`)
+    target_alternatives: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def targets_total(self) -> int:
+        return self.target_bytes_per_view * self.views
+
+    @property
+    def total(self) -> int:
+        """What the pipeline's settings write: the targets plus the chosen stage maps."""
+        return self.total_as("chosen")
+
+    def total_as(self, kind: str) -> int:
+        """The extraction's bytes with its stage maps stored as choice `kind` (the chosen one when it
+        has no such choice, or no stage maps at all)."""
+        by_kind = {c.kind: c for c in self.choices}
+        choice = by_kind.get(kind, by_kind.get("chosen"))
+        return self.targets_total + (choice.total if choice is not None else 0)
+
+
+def stage_bytes(shapes: list[tuple[int, int, int]], n: int, dtype: str, grid: int) -> int:
+    """Bytes of one view of stage maps (N samples): C x H x W per stage (pooled to grid x grid when
+    coarser) x the dtype's size, plus an int8 map's fp16 scale per channel."""
+    total = 0
+    for ch, h, w in shapes:
         if grid and grid < h:
             h = w = grid
-        total += stage_views * n * ch * h * w * item
+        total += n * (ch * h * w * ITEM[dtype] + (2 * ch if dtype == "int8" else 0))
     return total
 
 
+def storage_estimate(alias: str, num_classes: int, n: int, views: int, needs: Needs, pipe: Pipeline) -> StorageEstimate:
+    """Bytes of one teacher's targets under the pipeline's [extract] settings (views x N x (logits +
+    D_t) x dtype, top-k logits from 1000 classes unless `topk` says otherwise, plus stage maps), and
+    the stage-map choices beside it: full maps in the targets' dtype, int8, int8 compressed (its
+    ratio measured at extraction), pooled to a grid, a budget of views."""
+    info = teacher_shapes(alias, num_classes)
+    dtype = pipe.dtype
+    item = ITEM[dtype]
+    k = default_topk(num_classes, pipe.extract.get("topk"))
+    ids = 2 if num_classes <= 32767 else 4
+    edtype = str(pipe.extract.get("embed_dtype") or dtype)
+
+    def per_view(topk: int, embed_dtype: str) -> tuple[str, int]:
+        logits = topk * (ids + item) + 4 if topk else num_classes * item
+        embed = info.embed_dim * ITEM[embed_dtype] + (2 if embed_dtype == "int8" else 0)  # int8: + a scale per sample
+        what = f"top-{topk} logits" if topk else "dense logits"
+        return f"{what} ({dtype}) + embedding ({embed_dtype})", n * (logits + embed)
+
+    label, size = per_view(k, edtype)
+    others = {per_view(t, e) for t in (0, k or DEFAULT_TOPK) for e in (dtype, "int8")} - {(label, size)}
+    est = StorageEstimate(views, size, label, target_alternatives=tuple(sorted(others, key=lambda x: -x[1])))
+    if not needs.stages:
+        return est
+    shapes = [info.stage_shapes[s - 1] for s in needs.stages]
+    grid = int(pipe.extract.get("stage_grid", 0) or 0)
+    budget = int(pipe.extract.get("stage_views", views) or views)
+    sdtype = str(pipe.extract.get("stage_dtype") or dtype)
+    codec = str(pipe.extract.get("stage_codec", "zstd"))
+    h = shapes[0][1]
+    show_grid = grid if grid and grid < h else (ANY_GRID if ANY_GRID < h else 0)
+    show_budget = budget if budget < views else min(ANY_BUDGET, views)
+    full = f"full {h}x{h}"
+    zcodec = codec if codec != "none" else "zstd"
+    choices = [
+        StageChoice("full", f"{dtype} {full}, all {views} views", stage_bytes(shapes, n, dtype, 0), views),
+        StageChoice("int8", f"int8 {full}, all {views} views", stage_bytes(shapes, n, "int8", 0), views),
+        StageChoice(f"int8+{zcodec}", f"int8 + {zcodec} {full}, all {views} views",
+                    stage_bytes(shapes, n, "int8", 0), views, measured=False),
+    ]
+    if show_grid:
+        choices.append(StageChoice("pooled", f"{sdtype} pooled {show_grid}x{show_grid}, all {views} views",
+                                   stage_bytes(shapes, n, sdtype, show_grid), views))
+    choices.append(StageChoice("budget", f"{sdtype} {full}, budget of {show_budget} views",
+                               stage_bytes(shapes, n, sdtype, 0), show_budget))
+    g = f"pooled {grid}x{grid}" if grid and grid < h else full
+    chosen = StageChoice("chosen", f"this pipeline: {sdtype} {g}, codec {codec}, {budget} views",
+                         stage_bytes(shapes, n, sdtype, grid), budget, measured=codec == "none")
+    return dataclasses.replace(est, choices=(*choices, chosen))
+
+
+def _storage(alias: str, num_classes: int, n: int, views: int, needs: Needs, pipe: Pipeline) -> int:
+    """Bytes of one teacher's targets under the pipeline's settings (`storage_estimate`)."""
+    return storage_estimate(alias, num_classes, n, views, needs, pipe).total
+
+
 def estimate_storage(pipe: Pipeline, tasks: list[Task]) -> None:
-    """Fill in the bytes each extraction writes (one dummy forward per teacher to measure D_t and the
-    stage shapes; no data, no GPU)."""
+    """Fill in the bytes each extraction writes, and its estimate per stage-map choice (one dummy
+    forward per teacher to measure D_t and the stage shapes; no data, no GPU)."""
     n, c = dataset_size(pipe)
     for task in tasks:
         if task.kind == "extract" and n and c and task.needs is not None:
-            task.storage = _storage(task.teacher, c, n, task.config.views, task.needs, pipe)
+            task.estimate = storage_estimate(task.teacher, c, n, task.config.views, task.needs, pipe)
+            task.storage = task.estimate.total

@@ -85,3 +85,58 @@ def print_plan(pipe: Pipeline, tasks: list[Task], console: Console | None = None
     console.print(f"  ... in the tasks still to do: {fmt_net_forwards(todo)}")
     console.print(f"store size: {human(sum(t.storage for t in live))} "
                   f"({human(sum(t.storage for t in todo))} still to write) under {pipe.store_root}")
+    print_storage_choices(tasks, console)
+
+
+def print_storage_choices(tasks: list[Task], console: Console) -> None:
+    """Per extraction: bytes per view of its targets, and of its stage maps under each choice
+    (full maps, int8, int8 compressed, pooled, a view budget; the pipeline's own marked), with the
+    extraction's total under each. A compressor's saving is known only once chunks are written:
+    those rows show the uncompressed bytes as an upper bound (`<=`)."""
+    extracts = [t for t in tasks if t.kind == "extract" and t.estimate is not None and t.status != "unavailable"]
+    if not extracts:
+        return
+    table = Table(title="storage per extraction: bytes per view, and the extraction's total under each choice")
+    for col, just in (("extraction", "left"), ("what", "left"), ("per view", "right"), ("views", "right"),
+                      ("bytes", "right"), ("extraction total", "right")):
+        table.add_column(col, justify=just)
+    for t in extracts:
+        e = t.estimate
+        table.add_row(escape(t.id), "[bold]" + escape(e.targets_label) + " (this pipeline)[/bold]",
+                      human(e.target_bytes_per_view), str(e.views), human(e.targets_total),
+                      "" if e.choices else human(e.total))
+        for label, size in e.target_alternatives:
+            table.add_row("", escape(f"or: {label}"), human(size), str(e.views), human(size * e.views),
+                          human(e.total - e.targets_total + size * e.views))
+        for c in e.choices:
+            bound = "" if c.measured else "<= "
+            note = "" if c.measured else " (after compression: measured at extraction)"
+            chosen = c.kind == "chosen"
+            table.add_row("", ("[bold]" if chosen else "") + escape(c.label + note) + ("[/bold]" if chosen else ""),
+                          bound + human(c.bytes_per_view), str(c.views), bound + human(c.total),
+                          bound + human(e.targets_total + c.total))
+    console.print(table)
+    kinds = {c.kind: c for t in extracts for c in t.estimate.choices}  # first seen: its label
+    if kinds:
+        lines = []
+        for kind, first in kinds.items():
+            total = sum(t.estimate.total_as(kind) for t in extracts)
+            bound = "" if all(c.measured for t in extracts for c in t.estimate.choices if c.kind == kind) else "<= "
+            lines.append(f"  {kind:>8}: {bound}{human(total)}   ({first.label})")
+        console.print("sweep total (every extraction) with stage maps stored as each choice:\n" + "\n".join(lines))
+    alternatives = {}
+    for t in extracts:
+        for label, size in t.estimate.target_alternatives:
+            alternatives.setdefault(label.split(" (")[0] + " / embedding " + label.rsplit("(", 1)[1].rstrip(")"), 0)
+    if alternatives:
+        lines = []
+        for key in alternatives:
+            total = 0
+            for t in extracts:
+                e = t.estimate
+                sizes = {lbl.split(" (")[0] + " / embedding " + lbl.rsplit("(", 1)[1].rstrip(")"): s
+                         for lbl, s in e.target_alternatives}
+                total += e.total - e.targets_total + sizes.get(key, e.target_bytes_per_view) * e.views
+            lines.append(f"  {key}: {human(total)}")
+        console.print("sweep total with every extraction's logits and embeddings stored as (stage maps as chosen):\n"
+                      + "\n".join(lines))
